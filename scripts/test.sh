@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed, then runs lint, type checks on the pure modules, and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/mypy src/layerwise/partition.py src/layerwise/schedules.py src/layerwise/simulate.py src/layerwise/timeline.py
+exec .venv/bin/python -m pytest -q "$@"

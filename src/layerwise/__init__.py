@@ -1,0 +1,1 @@
+"""layerwise: layer-wise model parallelism for PyTorch."""

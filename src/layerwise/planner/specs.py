@@ -1,0 +1,205 @@
+"""Inputs of the planner: model architecture, GPU and cluster, training settings, one layout.
+
+Presets are plain dataclass instances; every field can be overridden with
+``dataclasses.replace``. Memory sizes are GiB (2**30 bytes), bandwidths GB/s (1e9 bytes/s),
+compute TFLOP/s (1e12 FLOP/s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+class PlanError(ValueError):
+    """An input the planner cannot work with; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer, described by its shape."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    vocab: int
+    kv_heads: int = 0  # 0 means "same as heads" (multi-head attention)
+    ffn: int = 0  # 0 means 4 * hidden
+    gated_mlp: bool = False  # SwiGLU (three FFN matrices) as in Llama
+    tied_embeddings: bool = True  # GPT/Megatron share the input embedding with the head
+    learned_positions: bool = True  # GPT-style position table of seq x hidden
+    dropout: bool = True  # dropout masks are stored activations (Korthikanti et al. 2022)
+    flash_attention: bool = False  # fused attention: no s^2 activations are stored
+
+    @property
+    def kv(self) -> int:
+        """Returns the number of key/value heads."""
+        return self.kv_heads or self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        """Returns the FFN inner size."""
+        return self.ffn or 4 * self.hidden
+
+
+def _gpt(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    # Megatron GPT: s=2048, vocabulary padded to 51200 (Narayanan et al. 2021, Table 1).
+    return ModelSpec(name, layers, hidden, heads, seq=2048, vocab=51200)
+
+
+def _llama(
+    name: str, layers: int, hidden: int, heads: int, kv: int, ffn: int, seq: int, vocab: int
+) -> ModelSpec:
+    return ModelSpec(
+        name, layers, hidden, heads, seq, vocab, kv_heads=kv, ffn=ffn, gated_mlp=True,
+        tied_embeddings=False, learned_positions=False, dropout=False, flash_attention=True,
+    )  # fmt: skip
+
+
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        _gpt("gpt3-175b", 96, 12288, 96),
+        # The sizes of Narayanan et al. 2021 Table 1 and Korthikanti et al. 2022 Table 3.
+        _gpt("megatron-1.7b", 24, 2304, 24),
+        _gpt("megatron-3.6b", 30, 3072, 32),
+        _gpt("megatron-7.5b", 36, 4096, 32),
+        _gpt("megatron-18b", 40, 6144, 48),
+        _gpt("megatron-22b", 48, 6144, 64),
+        _gpt("megatron-39b", 48, 8192, 64),
+        _gpt("megatron-76b", 60, 10240, 80),
+        _gpt("megatron-145b", 80, 12288, 96),
+        _gpt("megatron-310b", 96, 16384, 128),
+        _gpt("megatron-530b", 105, 20480, 128),
+        _gpt("megatron-1t", 128, 25600, 160),
+        # OPT-30B (Zhang et al. 2022): a 30B GPT shape.
+        ModelSpec("opt-30b", 48, 7168, 56, seq=2048, vocab=50272),
+        # BLOOM: ALiBi (no position table), a 250k vocabulary tied with the head.
+        ModelSpec("bloom-176b", 70, 14336, 112, seq=2048, vocab=250880, learned_positions=False),
+        _llama("llama2-7b", 32, 4096, 32, 32, 11008, 4096, 32000),
+        _llama("llama2-13b", 40, 5120, 40, 40, 13824, 4096, 32000),
+        _llama("llama2-70b", 80, 8192, 64, 8, 28672, 4096, 32000),
+        _llama("llama3-8b", 32, 4096, 32, 8, 14336, 8192, 128256),
+        _llama("llama3-70b", 80, 8192, 64, 8, 28672, 8192, 128256),
+        _llama("llama3-405b", 126, 16384, 128, 8, 53248, 8192, 128256),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One accelerator: dense 16-bit peak, memory, and the links it sees."""
+
+    name: str
+    peak_tflops: float  # dense bf16/fp16 tensor-core peak
+    memory_gib: float
+    hbm_gbps: float  # memory bandwidth
+    nvlink_gbps: float  # per-GPU, one direction, inside a node
+    network_gbps: float  # per-GPU share of the inter-node network, one direction
+
+
+GPU_PRESETS: dict[str, GPUSpec] = {
+    g.name: g
+    for g in [
+        # Vendor datasheets (SXM parts); network = one 200/400 Gb/s NIC per GPU as on DGX.
+        GPUSpec("v100-32gb", 125.0, 32.0, 900.0, 150.0, 12.5),
+        GPUSpec("a100-40gb", 312.0, 40.0, 1555.0, 300.0, 25.0),
+        GPUSpec("a100-80gb", 312.0, 80.0, 2039.0, 300.0, 25.0),
+        GPUSpec("h100-80gb", 989.0, 79.6, 3350.0, 450.0, 50.0),
+        GPUSpec("h200-141gb", 989.0, 140.0, 4800.0, 450.0, 50.0),
+        GPUSpec("b200-192gb", 2250.0, 178.0, 8000.0, 900.0, 50.0),
+        GPUSpec("mi300x-192gb", 1307.0, 192.0, 5300.0, 448.0, 50.0),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """``nodes`` nodes of ``gpus_per_node`` identical GPUs."""
+
+    gpu: GPUSpec
+    gpus_per_node: int = 8
+    nodes: int = 1
+
+    @property
+    def gpus(self) -> int:
+        """Returns the total number of GPUs."""
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the run must do, independent of how it is split."""
+
+    global_batch: int  # sequences per optimizer step
+    precision: str = "bf16"  # bf16 | fp16 (mixed, fp32 master weights) | fp32
+    optimizer: str = "adam"  # adam | sgd
+    # Megatron accumulates and all-reduces gradients in fp32 (18 bytes/param with Adam);
+    # the ZeRO paper's 16 bytes/param assumes 16-bit gradients.
+    fp32_grads: bool = False
+    # Megatron-2021 reduced gradients after the pipeline flush; newer stacks overlap the
+    # reduction with the last micro-batch's backward.
+    overlap_grad_reduce: bool = True
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to split the run: the degrees and the per-GPU choices."""
+
+    dp: int
+    tp: int
+    pp: int
+    micro_batch: int
+    vpp: int = 1  # model chunks per pipeline worker (interleaved 1F1B when > 1)
+    recompute: str = "none"  # none | selective | full
+    sequence_parallel: bool = False
+    zero: int = 0  # 0 none, 1 optimizer states (= distributed optimizer), 2 + grads, 3 + weights
+    schedule: str = "1f1b"  # 1f1b | gpipe | zb-h1 (interleaved when vpp > 1)
+
+    def describe(self) -> str:
+        """Returns a short one-line name such as ``dp8 tp8 pp4 v2 mb1 full sp z1``."""
+        parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
+        if self.vpp > 1:
+            parts.append(f"v{self.vpp}")
+        parts += [f"mb{self.micro_batch}", self.recompute]
+        if self.sequence_parallel:
+            parts.append("sp")
+        parts.append(f"z{self.zero}")
+        if self.schedule != "1f1b":
+            parts.append(self.schedule)
+        return " ".join(parts)
+
+
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("1f1b", "gpipe", "zb-h1")
+
+
+def _lookup(table: dict[str, object], key: str, what: str) -> object:
+    if key not in table:
+        known = ", ".join(sorted(table))
+        raise PlanError(f"unknown {what} preset '{key}' (known: {known})")
+    return table[key]
+
+
+def model_preset(name: str) -> ModelSpec:
+    """Returns the model preset called ``name``; raises PlanError listing the known ones."""
+    model = _lookup(dict(MODEL_PRESETS), name, "model")
+    assert isinstance(model, ModelSpec)
+    return model
+
+
+def gpu_preset(name: str) -> GPUSpec:
+    """Returns the GPU preset called ``name``; raises PlanError listing the known ones."""
+    gpu = _lookup(dict(GPU_PRESETS), name, "GPU")
+    assert isinstance(gpu, GPUSpec)
+    return gpu
+
+
+def override(spec: ModelSpec, **fields: object) -> ModelSpec:
+    """Returns ``spec`` with the non-None ``fields`` replaced."""
+    changes = {k: v for k, v in fields.items() if v is not None}
+    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]

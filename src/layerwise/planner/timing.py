@@ -1,0 +1,185 @@
+"""Per-step time of one layout: compute, tensor/pipeline/data-parallel communication, bubble.
+
+FLOPs follow Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM"), Eq. 3: a layer's forward is 24 b s h^2 (1 + s/(6h)) FLOPs,
+the logit layer 2 b s h V, backward twice the forward. *Model* FLOPs count forward and
+backward once; *hardware* FLOPs add what recomputation runs again.
+
+Every time below is a physical rate applied to a count of FLOPs or bytes. The constants of
+``Calibration`` are the only fitted numbers (see docs/planner.md, "Calibration").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerwise.planner.memory import layer_activation_bytes, layer_params
+from layerwise.planner.specs import ClusterSpec, Layout, ModelSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The physical parameters of the time model (fitted values are marked)."""
+
+    # FITTED: fraction of the dense peak that large GEMMs sustain. Fitted jointly with
+    # ``elementwise_traffic`` on the 14 published runs of tests/data (least relative error).
+    matmul_efficiency: float = 0.70
+    # FITTED: bytes moved through HBM by the non-matmul kernels (norms, softmax, GeLU,
+    # dropout, residuals, forward + backward share) per byte of activation the layer produces.
+    elementwise_traffic: float = 2.0
+    # Documented defaults: NCCL bus bandwidth / link bandwidth, and per-collective latency.
+    nvlink_efficiency: float = 0.75
+    network_efficiency: float = 0.80
+    latency_s: float = 20e-6
+    # A fused Adam step reads and writes about 32 bytes per parameter (fp32 master, m, v,
+    # gradient in; master, m, v and the 16-bit copy out), at HBM speed.
+    optimizer_bytes_per_param: float = 32.0
+
+
+DEFAULT_CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds for one micro-batch through one pipeline stage (the slowest one)."""
+
+    forward: float
+    backward: float  # including any recomputation
+    matmul: float  # parts of forward + backward, for the breakdown
+    elementwise: float
+    tensor_comm: float
+    pipeline_comm: float
+
+
+def layer_forward_flops(m: ModelSpec, micro_batch: int) -> float:
+    """Returns the matmul FLOPs of one layer's forward for one micro-batch (all TP ranks)."""
+    s, h, d = m.seq, m.hidden, m.hidden // m.heads
+    proj = h * (m.heads + 2 * m.kv) * d + h * h + (3 if m.gated_mlp else 2) * h * m.ffn_size
+    return 2.0 * s * micro_batch * proj + 4.0 * s * s * micro_batch * h
+
+
+def attention_core_flops(m: ModelSpec, micro_batch: int) -> float:
+    """Returns the FLOPs of Q K^T and attention-over-V (what selective recompute repeats)."""
+    return 4.0 * m.seq * m.seq * micro_batch * m.hidden
+
+
+def logit_forward_flops(m: ModelSpec, micro_batch: int) -> float:
+    """Returns the FLOPs of the output layer's forward for one micro-batch."""
+    return 2.0 * m.seq * micro_batch * m.hidden * m.vocab
+
+
+def step_flops(m: ModelSpec, train: TrainSpec, recompute: str) -> tuple[float, float]:
+    """Returns (model FLOPs, hardware FLOPs) of one optimizer step over the whole cluster."""
+    b = train.global_batch
+    layer, logits = m.layers * layer_forward_flops(m, 1), logit_forward_flops(m, 1)
+    model = 3.0 * (layer + logits) * b
+    if recompute == "full":
+        extra = layer * b
+    elif recompute == "selective":
+        extra = m.layers * attention_core_flops(m, 1) * b
+    else:
+        extra = 0.0
+    return model, model + extra
+
+
+def allreduce_s(nbytes: float, ranks: int, gbps: float, cal: Calibration) -> float:
+    """Returns the seconds of a ring all-reduce: 2 (n-1)/n of the data crosses each link."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (ranks - 1) * cal.latency_s + 2 * (ranks - 1) / ranks * nbytes / (gbps * 1e9)
+
+
+def link_gbps(cluster: ClusterSpec, span: int, cal: Calibration) -> float:
+    """Returns the usable per-GPU bandwidth of a group spanning ``span`` consecutive ranks."""
+    gpu = cluster.gpu
+    if span <= cluster.gpus_per_node:
+        return gpu.nvlink_gbps * cal.nvlink_efficiency
+    return gpu.network_gbps * cal.network_efficiency
+
+
+def stage_costs(
+    m: ModelSpec, cluster: ClusterSpec, lay: Layout, cal: Calibration = DEFAULT_CALIBRATION
+) -> StageCosts:
+    """Returns the per-micro-batch forward and backward seconds of the slowest stage."""
+    gpu, t, b = cluster.gpu, lay.tp, lay.micro_batch
+    flops_rate = gpu.peak_tflops * 1e12 * cal.matmul_efficiency
+    mm_f = layer_forward_flops(m, b) / t / flops_rate
+    ew_f = cal.elementwise_traffic * layer_activation_bytes(m, lay, stored=False)
+    ew_f /= gpu.hbm_gbps * 1e9
+    # Megatron's two all-reduces per layer and pass (or all-gather + reduce-scatter with
+    # sequence parallelism: the same bytes), on the critical path (Narayanan et al. Sec. 3.2).
+    act = 2.0 * m.seq * b * m.hidden
+    tp_f = 2 * allreduce_s(act, t, link_gbps(cluster, t, cal), cal)
+    fwd = mm_f + ew_f + tp_f
+    if lay.recompute == "full":
+        rec = fwd
+    elif lay.recompute == "selective":
+        rec = attention_core_flops(m, b) / t / flops_rate
+    else:
+        rec = 0.0
+    layers = m.layers / lay.pp
+    # The last stage also runs the logit layer and the fp32 cross-entropy.
+    head_f = logit_forward_flops(m, b) / t / flops_rate
+    head_f += cal.elementwise_traffic * 4.0 * m.seq * b * m.vocab / t / (gpu.hbm_gbps * 1e9)
+    # Pipeline sends: the activation (split over tp ranks, Narayanan Sec. 4.1) once per chunk.
+    p2p = 0.0
+    if lay.pp > 1:
+        span = lay.tp * lay.dp * lay.pp
+        p2p = cal.latency_s + act / t / (link_gbps(cluster, span, cal) * 1e9)
+        p2p *= lay.vpp
+    forward = layers * fwd + head_f + p2p
+    backward = layers * (2 * mm_f + 2 * ew_f + tp_f + rec) + 2 * head_f + p2p
+    return StageCosts(
+        forward=forward,
+        backward=backward,
+        matmul=layers * 3 * mm_f + 3 * head_f,
+        elementwise=layers * 3 * ew_f,
+        tensor_comm=layers * (2 * tp_f + (tp_f if lay.recompute == "full" else 0.0)),
+        pipeline_comm=2 * p2p,
+    )
+
+
+def data_parallel_s(
+    m: ModelSpec,
+    cluster: ClusterSpec,
+    train: TrainSpec,
+    lay: Layout,
+    costs: StageCosts,
+    cal: Calibration = DEFAULT_CALIBRATION,
+) -> tuple[float, float]:
+    """Returns (total, exposed) seconds of data-parallel communication per step.
+
+    The reduction of a stage's gradients either runs after the pipeline flush (exposed) or
+    overlaps the last micro-batch's backward. ZeRO-2 and -3 keep gradients sharded, so they
+    reduce-scatter after every micro-batch, and ZeRO-3 also gathers the weights for the
+    forward and the backward of every micro-batch; those overlap the micro-batch's compute.
+    """
+    d = lay.dp
+    if d <= 1:
+        return 0.0, 0.0
+    params = m.layers / lay.pp * layer_params(m) / lay.tp + m.vocab * m.hidden / lay.tp
+    g_bytes = 4 if (train.fp32_grads or train.precision == "fp32") else 2
+    w_bytes = 4 if train.precision == "fp32" else 2
+    gbps = link_gbps(cluster, lay.tp * d, cal)
+    num_mb = train.global_batch // (d * lay.micro_batch)
+    half = 0.5 * allreduce_s(1.0, d, gbps, cal)  # seconds per byte of a reduce-scatter
+    if lay.zero <= 1:
+        # All-reduce, or reduce-scatter + all-gather of the updated 16-bit weights.
+        volume = 2 * g_bytes if lay.zero == 0 else g_bytes + w_bytes
+        total = half * params * volume
+        window = costs.backward if train.overlap_grad_reduce else 0.0
+        return total, max(0.0, total - window)
+    per_mb = half * params * (g_bytes + (2 * w_bytes if lay.zero == 3 else 0))
+    end = half * params * w_bytes if lay.zero == 2 else 0.0  # gather updated weights
+    total = per_mb * num_mb + end
+    exposed = num_mb * max(0.0, per_mb - (costs.forward + costs.backward)) + end
+    return total, exposed
+
+
+def optimizer_s(
+    m: ModelSpec, cluster: ClusterSpec, lay: Layout, cal: Calibration = DEFAULT_CALIBRATION
+) -> float:
+    """Returns the seconds of the optimizer step on the largest stage's (sharded) states."""
+    params = m.layers / lay.pp * layer_params(m) / lay.tp + m.vocab * m.hidden / lay.tp
+    shard = lay.dp if lay.zero >= 1 else 1
+    return params / shard * cal.optimizer_bytes_per_param / (cluster.gpu.hbm_gbps * 1e9)

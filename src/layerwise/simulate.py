@@ -1,0 +1,137 @@
+"""Discrete-event simulation of a schedule: per-stage costs in, predicted Timeline out.
+
+Each worker runs its action list in order. An action starts when its worker is free and
+every action it depends on has finished, plus the point-to-point cost when that action ran
+on another worker (latency + bytes / bandwidth). Sends do not block the sender, matching the
+runtime, which posts them asynchronously.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from layerwise.schedules import Action, Schedule, dependencies, execution_order
+from layerwise.timeline import Event, Timeline
+
+
+def _per_stage(value: float | Sequence[float], num_stages: int, name: str) -> tuple[float, ...]:
+    values = (float(value),) * num_stages if isinstance(value, int | float) else tuple(map(float, value))
+    if len(values) != num_stages:
+        raise ValueError(f"{name} has {len(values)} entries, expected one per stage ({num_stages})")
+    for s, v in enumerate(values):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}[{s}] = {v}: costs must be finite and >= 0")
+    return values
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-stage times of one micro-batch, and the cost of sending between workers.
+
+    ``input_grad`` and ``weight_grad`` default to half of ``backward`` each; they are only
+    used by stages whose backward the schedule splits into I and W.
+    ``activation_bytes[s]`` is the size of what stage s sends forward (its gradient, sent
+    back, is the same size).
+    """
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    input_grad: tuple[float, ...]
+    weight_grad: tuple[float, ...]
+    activation_bytes: tuple[float, ...]
+    comm_latency: float = 0.0
+    comm_bandwidth: float = math.inf  # bytes per second
+
+    @staticmethod
+    def per_stage(
+        forward: Sequence[float],
+        backward: Sequence[float],
+        input_grad: Sequence[float] | None = None,
+        weight_grad: Sequence[float] | None = None,
+        activation_bytes: float | Sequence[float] = 0.0,
+        comm_latency: float = 0.0,
+        comm_bandwidth: float = math.inf,
+    ) -> Costs:
+        """Build Costs from per-stage lists, validating lengths and values."""
+        n = len(forward)
+        fwd = _per_stage(forward, n, "forward")
+        bwd = _per_stage(backward, n, "backward")
+        ig = _per_stage(input_grad, n, "input_grad") if input_grad is not None else None
+        wg = _per_stage(weight_grad, n, "weight_grad") if weight_grad is not None else None
+        if ig is None and wg is None:
+            ig = tuple(b / 2 for b in bwd)
+        if ig is None:
+            assert wg is not None
+            ig = tuple(max(0.0, b - w) for b, w in zip(bwd, wg, strict=True))
+        if wg is None:
+            wg = tuple(max(0.0, b - i) for b, i in zip(bwd, ig, strict=True))
+        if comm_latency < 0 or not comm_bandwidth > 0:
+            raise ValueError("comm_latency must be >= 0 and comm_bandwidth > 0")
+        return Costs(fwd, bwd, ig, wg, _per_stage(activation_bytes, n, "activation_bytes"),
+                     float(comm_latency), float(comm_bandwidth))
+
+    @staticmethod
+    def uniform(
+        num_stages: int,
+        forward: float = 1.0,
+        backward: float = 2.0,
+        weight_grad: float | None = None,
+        activation_bytes: float = 0.0,
+        comm_latency: float = 0.0,
+        comm_bandwidth: float = math.inf,
+    ) -> Costs:
+        """Return identical costs for every stage; W defaults to half of B."""
+        wg = None if weight_grad is None else [weight_grad] * num_stages
+        return Costs.per_stage([forward] * num_stages, [backward] * num_stages, None, wg,
+                               activation_bytes, comm_latency, comm_bandwidth)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.forward)
+
+    def duration(self, action: Action) -> float:
+        """Return the compute time of ``action``."""
+        table = {"F": self.forward, "B": self.backward, "I": self.input_grad, "W": self.weight_grad}
+        return table[action.kind][action.stage]
+
+    def transfer(self, sender_stage: int, receiver_stage: int) -> float:
+        """Return the time to move one activation (or its gradient) between two stages."""
+        boundary = min(sender_stage, receiver_stage)
+        return self.comm_latency + self.activation_bytes[boundary] / self.comm_bandwidth
+
+
+def simulate(schedule: Schedule, costs: Costs) -> Timeline:
+    """Predict the Timeline of one step of ``schedule`` with ``costs``.
+
+    Raises ValueError if the costs do not have one entry per stage, and ScheduleError if the
+    schedule deadlocks.
+    """
+    if costs.num_stages != schedule.num_stages:
+        raise ValueError(
+            f"costs describe {costs.num_stages} stages but the schedule has {schedule.num_stages}"
+        )
+    finish: dict[Action, float] = {}
+    free_at = [0.0] * schedule.num_workers
+    events: list[Event] = []
+    worker_of = schedule.stage_worker
+    for w, pos in execution_order(schedule):
+        action = schedule.actions[w][pos]
+        ready = free_at[w]
+        for dep in dependencies(action, schedule):
+            arrive = finish[dep]
+            if worker_of[dep.stage] != w:
+                arrive += costs.transfer(dep.stage, action.stage)
+            ready = max(ready, arrive)
+        end = ready + costs.duration(action)
+        finish[action] = end
+        free_at[w] = end
+        events.append(Event(w, ready, end, action.kind, action.stage, action.microbatch))
+    return Timeline(
+        num_workers=schedule.num_workers,
+        events=events,
+        source="simulated",
+        meta={"schedule": schedule.name, "microbatches": schedule.num_microbatches,
+              "stages": schedule.num_stages},
+    )
