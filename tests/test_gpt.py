@@ -120,9 +120,11 @@ def test_tied_gradient_is_the_sum_of_both_copies() -> None:
     for layer in layers:
         h = layer(h)
     loss_fn(h, y).backward()
-    (src_i, src_name, dst_i, dst_name) = tied_parameter_names(config)[0]
-    total = layers[src_i].get_parameter(src_name).grad + layers[dst_i].get_parameter(dst_name).grad
-    torch.testing.assert_close(total, model[0].get_parameter("tok.weight").grad)
+    src_i, src_name, dst_i, dst_name = tied_parameter_names(config)[0]
+    src_grad = layers[src_i].get_parameter(src_name).grad
+    dst_grad = layers[dst_i].get_parameter(dst_name).grad
+    assert src_grad is not None and dst_grad is not None
+    torch.testing.assert_close(src_grad + dst_grad, model[0].get_parameter("tok.weight").grad)
 
 
 def test_loss_at_init_is_near_uniform() -> None:

@@ -1,0 +1,148 @@
+"""The ``layerwise`` command: train | simulate | plan | diagnose | generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from layerwise.schedules import SCHEDULE_NAMES, generate
+from layerwise.simulate import Costs, simulate
+from layerwise.timeline import Timeline, render_ascii, render_png, write_chrome_trace
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "simulate",
+        help="predict each worker's busy and idle time for a schedule",
+        description="Simulate one training step of a pipeline schedule and show where workers idle.",
+    )
+    p.add_argument("--workers", "-p", type=int, default=4, help="pipeline workers (default 4)")
+    p.add_argument("--microbatches", "-m", type=int, default=8, help="micro-batches per step (default 8)")
+    p.add_argument("--schedule", "-s", default="1f1b", choices=SCHEDULE_NAMES)
+    p.add_argument("--chunks", "-v", type=int, default=None,
+                   help="stages per worker for interleaved-1f1b (default 2)")
+    p.add_argument("--fwd", type=float, default=1.0, help="forward time of a worker's layers (default 1)")
+    p.add_argument("--bwd", type=float, default=2.0, help="backward time (default 2)")
+    p.add_argument("--wgrad", type=float, default=None,
+                   help="weight-gradient part of the backward, for zb-h1 (default bwd/2)")
+    p.add_argument("--comm", type=float, default=0.0, help="time to send one activation (default 0)")
+    p.add_argument("--width", type=int, default=96, help="chart width in characters")
+    p.add_argument("--png", help="write a Gantt chart PNG here")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--compare", action="store_true", help="compare every schedule side by side")
+    p.add_argument("--schedule-file", help="simulate a schedule from a text/CSV file instead")
+    p.set_defaults(func=run_simulate)
+
+
+def _simulate_one(name: str, args: argparse.Namespace) -> Timeline:
+    chunks = args.chunks or (2 if name == "interleaved-1f1b" else 1)
+    schedule = generate(name, args.workers, args.microbatches, chunks)
+    return _simulate_schedule(schedule, args)
+
+
+def _simulate_schedule(schedule, args: argparse.Namespace) -> Timeline:  # type: ignore[no-untyped-def]
+    v = schedule.chunks
+    # --fwd/--bwd describe one worker's whole share of the model; a chunk is 1/v of it
+    wgrad = None if args.wgrad is None else args.wgrad / v
+    costs = Costs.uniform(schedule.num_stages, args.fwd / v, args.bwd / v, wgrad,
+                          comm_latency=args.comm)
+    tl = simulate(schedule, costs)
+    tl.meta["chunks"] = v
+    return tl
+
+
+def _metrics(tl: Timeline, ideal: float) -> dict[str, object]:
+    s = tl.summary()
+    s["schedule"] = tl.meta["schedule"]
+    s["chunks"] = tl.meta.get("chunks", 1)
+    s["ideal"] = ideal
+    s["slowdown"] = tl.makespan() / ideal if ideal > 0 else 1.0
+    return s
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Print the Gantt chart and metrics of one schedule, or a comparison of all."""
+    ideal = args.microbatches * (args.fwd + args.bwd)
+    if args.compare:
+        names = [n for n in SCHEDULE_NAMES
+                 if n != "interleaved-1f1b" or args.microbatches % args.workers == 0]
+        rows = [_metrics(_simulate_one(n, args), ideal) for n in names]
+        if args.json:
+            print(json.dumps({"workers": args.workers, "microbatches": args.microbatches,
+                              "schedules": rows}))
+            return 0
+        print(f"{args.workers} workers, {args.microbatches} micro-batches, F={args.fwd:g} "
+              f"B={args.bwd:g}; ideal step {ideal:g}")
+        print(f"{'schedule':<18}{'step':>8}{'x ideal':>9}{'bubble':>9}{'worst idle':>12}"
+              f"{'peak act.':>11}")
+        for r in rows:
+            workers = r["workers"]
+            assert isinstance(workers, list)
+            print(f"{r['schedule']:<18}{r['makespan']:>8.3g}{r['slowdown']:>9.3f}"
+                  f"{100 * r['bubble_fraction']:>8.1f}%"  # type: ignore[operator]
+                  f"{100 * max(w['idle_fraction'] for w in workers):>11.1f}%"
+                  f"{max(w['peak_inflight'] for w in workers):>11}")
+        if args.microbatches % args.workers:
+            print("(interleaved-1f1b left out: micro-batches must be a multiple of workers)")
+        return 0
+    if args.schedule_file:
+        from layerwise.schedules import from_csv, from_text
+
+        text = open(args.schedule_file).read()
+        schedule = from_text(text) if "worker" in text else from_csv(text)
+        tl = _simulate_schedule(schedule, args)
+        ideal = schedule.num_microbatches * (args.fwd + args.bwd)
+    else:
+        tl = _simulate_one(args.schedule, args)
+    if args.png:
+        render_png([tl], args.png, titles=[f"{tl.meta['schedule']} (simulated)"])
+    if args.trace:
+        write_chrome_trace([tl], args.trace)
+    m = _metrics(tl, ideal)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(render_ascii(tl, args.width, title=(
+        f"{tl.meta['schedule']}: {args.workers} workers, {tl.meta['microbatches']} micro-batches "
+        f"(F=forward, B=backward, I/W=input/weight gradient, '.'=idle)")))
+    print(f"step {tl.makespan():.4g} = {m['slowdown']:.3f} x ideal ({ideal:g}); "
+          f"bubble {100 * tl.bubble_fraction():.1f}% of worker time")
+    print("peak in-flight activations per worker: "
+          + " ".join(str(tl.peak_inflight(w)) for w in range(tl.num_workers)))
+    for path in (args.png, args.trace):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerwise",
+        description="Layer-wise model parallelism: split consecutive layers across workers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    try:
+        from layerwise.planner.cli import add_plan_parser
+    except ImportError:  # the planner is optional while it is being built
+        pass
+    else:
+        add_plan_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"layerwise {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

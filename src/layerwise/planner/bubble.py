@@ -1,0 +1,64 @@
+"""The one place the planner calls the core simulator, to time the pipeline of a layout.
+
+The bubble is not re-derived with a closed formula: the schedule is generated and simulated
+exactly as ``layerwise simulate`` would. Results are cached on the shape of the problem in
+units of one chunk's forward time, because the search asks for the same few shapes
+thousands of times and a p=64, m=512 simulation takes about a second.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from layerwise.schedules import generate
+from layerwise.simulate import Costs, simulate
+
+
+def schedule_name(schedule: str, vpp: int) -> str:
+    """Returns the core generator's name for a layout's schedule and chunk count."""
+    return "interleaved-1f1b" if vpp > 1 else schedule
+
+
+@lru_cache(maxsize=4096)
+def _simulate_units(
+    schedule: str, p: int, m: int, v: int, backward_ratio: float, head_units: float
+) -> tuple[float, float]:
+    """Returns (makespan in chunk-forward units, bubble fraction) of one simulated step.
+
+    Every chunk costs forward 1 and backward ``backward_ratio``; the last chunk (on the
+    last worker) also runs the output layer, ``head_units`` forward and twice that backward.
+    """
+    sched = generate(schedule_name(schedule, v), num_workers=p, num_microbatches=m, chunks=v)
+    n = sched.num_stages
+    forward = [1.0] * n
+    backward = [backward_ratio] * n
+    forward[-1] += head_units
+    backward[-1] += 2 * head_units
+    timeline = simulate(sched, Costs.per_stage(forward, backward))
+    return timeline.makespan(), timeline.bubble_fraction()
+
+
+def pipeline_time(
+    schedule: str, p: int, m: int, v: int, chunk_forward: float, chunk_backward: float, head: float
+) -> tuple[float, float]:
+    """Returns (seconds, bubble fraction) of the pipeline part of a step.
+
+    ``chunk_forward``/``chunk_backward`` are one micro-batch through one chunk (a worker's
+    stage divided by ``v``); ``head`` is the extra forward of the output layer.
+    """
+    if p == 1:
+        # No pipeline: micro-batches run back to back (gradient accumulation), no bubble.
+        return m * (v * (chunk_forward + chunk_backward) + 3 * head), 0.0
+    # Rounding the ratios to two significant digits keeps the cache small; rescaling by
+    # the exact work per micro-batch removes most of the rounding error.
+    ratio = _round(chunk_backward / chunk_forward)
+    head_units = _round(head / chunk_forward)
+    units, bubble = _simulate_units(schedule, p, m, v, ratio, head_units)
+    exact = 1 + chunk_backward / chunk_forward + 3 * head / chunk_forward / v
+    rounded = 1 + ratio + 3 * head_units / v
+    return units * chunk_forward * exact / rounded, bubble
+
+
+def _round(x: float) -> float:
+    """Returns ``x`` rounded to two significant digits."""
+    return float(f"{x:.2g}")
