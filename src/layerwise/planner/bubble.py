@@ -8,15 +8,22 @@ thousands of times and a p=64, m=512 simulation takes about a second.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
-from layerwise.schedules import generate
+from layerwise.schedules import Schedule, generate
 from layerwise.simulate import Costs, simulate
 
 
 def schedule_name(schedule: str, vpp: int) -> str:
     """Returns the core generator's name for a layout's schedule and chunk count."""
     return "interleaved-1f1b" if vpp > 1 else schedule
+
+
+@lru_cache(maxsize=256)
+def _schedule(schedule: str, p: int, m: int, v: int) -> Schedule:
+    """Returns the generated (and validated) schedule; many cost ratios share one."""
+    return generate(schedule_name(schedule, v), num_workers=p, num_microbatches=m, chunks=v)
 
 
 @lru_cache(maxsize=4096)
@@ -28,7 +35,7 @@ def _simulate_units(
     Every chunk costs forward 1 and backward ``backward_ratio``; the last chunk (on the
     last worker) also runs the output layer, ``head_units`` forward and twice that backward.
     """
-    sched = generate(schedule_name(schedule, v), num_workers=p, num_microbatches=m, chunks=v)
+    sched = _schedule(schedule, p, m, v)
     n = sched.num_stages
     forward = [1.0] * n
     backward = [backward_ratio] * n
@@ -49,16 +56,19 @@ def pipeline_time(
     if p == 1:
         # No pipeline: micro-batches run back to back (gradient accumulation), no bubble.
         return m * (v * (chunk_forward + chunk_backward) + 3 * head), 0.0
-    # Rounding the ratios to two significant digits keeps the cache small; rescaling by
-    # the exact work per micro-batch removes most of the rounding error.
-    ratio = _round(chunk_backward / chunk_forward)
-    head_units = _round(head / chunk_forward)
+    # Rounding the ratios (5 % steps for backward/forward, 25 % for the output layer, which
+    # only the last worker runs) keeps the cache small; rescaling by the exact work per
+    # micro-batch removes most of the rounding error.
+    ratio = _round(chunk_backward / chunk_forward, 0.05)
+    head_units = _round(head / chunk_forward, 0.25)
     units, bubble = _simulate_units(schedule, p, m, v, ratio, head_units)
     exact = 1 + chunk_backward / chunk_forward + 3 * head / chunk_forward / v
     rounded = 1 + ratio + 3 * head_units / v
     return units * chunk_forward * exact / rounded, bubble
 
 
-def _round(x: float) -> float:
-    """Returns ``x`` rounded to two significant digits."""
-    return float(f"{x:.2g}")
+def _round(x: float, step: float) -> float:
+    """Returns ``x`` on a logarithmic grid of relative ``step`` (0 below ``step`` itself)."""
+    if x < step:
+        return 0.0
+    return round(math.exp(round(math.log(x) / math.log1p(step)) * math.log1p(step)), 4)

@@ -23,10 +23,10 @@ class Calibration:
 
     # FITTED: fraction of the dense peak that large GEMMs sustain. Fitted jointly with
     # ``elementwise_traffic`` on the 14 published runs of tests/data (least relative error).
-    matmul_efficiency: float = 0.70
+    matmul_efficiency: float = 0.74
     # FITTED: bytes moved through HBM by the non-matmul kernels (norms, softmax, GeLU,
     # dropout, residuals, forward + backward share) per byte of activation the layer produces.
-    elementwise_traffic: float = 2.0
+    elementwise_traffic: float = 2.5
     # Documented defaults: NCCL bus bandwidth / link bandwidth, and per-collective latency.
     nvlink_efficiency: float = 0.75
     network_efficiency: float = 0.80
@@ -43,10 +43,12 @@ DEFAULT_CALIBRATION = Calibration()
 class StageCosts:
     """Seconds for one micro-batch through one pipeline stage (the slowest one)."""
 
-    forward: float
-    backward: float  # including any recomputation
+    forward: float  # the stage's layers and its pipeline sends (all of its chunks)
+    backward: float  # the same, including any recomputation
+    head_forward: float  # the output layer and loss, on the last stage only (backward: 2x)
     matmul: float  # parts of forward + backward, for the breakdown
     elementwise: float
+    recompute: float
     tensor_comm: float
     pipeline_comm: float
 
@@ -89,12 +91,25 @@ def allreduce_s(nbytes: float, ranks: int, gbps: float, cal: Calibration) -> flo
     return 2 * (ranks - 1) * cal.latency_s + 2 * (ranks - 1) / ranks * nbytes / (gbps * 1e9)
 
 
-def link_gbps(cluster: ClusterSpec, span: int, cal: Calibration) -> float:
-    """Returns the usable per-GPU bandwidth of a group spanning ``span`` consecutive ranks."""
-    gpu = cluster.gpu
-    if span <= cluster.gpus_per_node:
-        return gpu.nvlink_gbps * cal.nvlink_efficiency
-    return gpu.network_gbps * cal.network_efficiency
+def reduce_scatter_s(nbytes: float, ranks: int, gbps: float, cal: Calibration) -> float:
+    """Returns the seconds of a ring reduce-scatter (or all-gather): half an all-reduce."""
+    return 0.5 * allreduce_s(nbytes, ranks, gbps, cal)
+
+
+def link_gbps(cluster: ClusterSpec, size: int, stride: int, cal: Calibration) -> float:
+    """Returns the usable per-GPU bus bandwidth (GB/s) of a ring over ``size`` ranks.
+
+    Ranks are ``stride`` apart (Megatron's order: tp fastest, then dp, then pp). Inside a
+    node the ring runs on NVLink. Across nodes NCCL runs one ring per NIC, so a node's k
+    members move their share through k NICs in parallel: k x the per-GPU network bandwidth,
+    at most the NVLink bandwidth.
+    """
+    gpu, per_node = cluster.gpu, cluster.gpus_per_node
+    nvlink = gpu.nvlink_gbps * cal.nvlink_efficiency
+    if size * stride <= per_node:
+        return nvlink
+    k = max(1, min(size, per_node // stride))
+    return min(nvlink, k * gpu.network_gbps * cal.network_efficiency)
 
 
 def stage_costs(
@@ -109,7 +124,7 @@ def stage_costs(
     # Megatron's two all-reduces per layer and pass (or all-gather + reduce-scatter with
     # sequence parallelism: the same bytes), on the critical path (Narayanan et al. Sec. 3.2).
     act = 2.0 * m.seq * b * m.hidden
-    tp_f = 2 * allreduce_s(act, t, link_gbps(cluster, t, cal), cal)
+    tp_f = 2 * allreduce_s(act, t, link_gbps(cluster, t, 1, cal), cal)
     fwd = mm_f + ew_f + tp_f
     if lay.recompute == "full":
         rec = fwd
@@ -124,17 +139,22 @@ def stage_costs(
     # Pipeline sends: the activation (split over tp ranks, Narayanan Sec. 4.1) once per chunk.
     p2p = 0.0
     if lay.pp > 1:
-        span = lay.tp * lay.dp * lay.pp
-        p2p = cal.latency_s + act / t / (link_gbps(cluster, span, cal) * 1e9)
+        # Neighbouring stages are tp * dp ranks apart: on another node once that reaches a
+        # node; each tp rank then sends its 1/t share through its own NIC.
+        apart = lay.tp * lay.dp
+        gbps = cluster.gpu.nvlink_gbps * cal.nvlink_efficiency
+        if apart >= cluster.gpus_per_node or apart * lay.pp > cluster.gpus_per_node:
+            gbps = cluster.gpu.network_gbps * cal.network_efficiency
+        p2p = cal.latency_s + act / t / (gbps * 1e9)
         p2p *= lay.vpp
-    forward = layers * fwd + head_f + p2p
-    backward = layers * (2 * mm_f + 2 * ew_f + tp_f + rec) + 2 * head_f + p2p
     return StageCosts(
-        forward=forward,
-        backward=backward,
+        forward=layers * fwd + p2p,
+        backward=layers * (2 * mm_f + 2 * ew_f + tp_f + rec) + p2p,
+        head_forward=head_f,
         matmul=layers * 3 * mm_f + 3 * head_f,
         elementwise=layers * 3 * ew_f,
-        tensor_comm=layers * (2 * tp_f + (tp_f if lay.recompute == "full" else 0.0)),
+        recompute=layers * rec,
+        tensor_comm=layers * 2 * tp_f,
         pipeline_comm=2 * p2p,
     )
 
@@ -160,17 +180,18 @@ def data_parallel_s(
     params = m.layers / lay.pp * layer_params(m) / lay.tp + m.vocab * m.hidden / lay.tp
     g_bytes = 4 if (train.fp32_grads or train.precision == "fp32") else 2
     w_bytes = 4 if train.precision == "fp32" else 2
-    gbps = link_gbps(cluster, lay.tp * d, cal)
+    gbps = link_gbps(cluster, d, lay.tp, cal)
     num_mb = train.global_batch // (d * lay.micro_batch)
-    half = 0.5 * allreduce_s(1.0, d, gbps, cal)  # seconds per byte of a reduce-scatter
     if lay.zero <= 1:
         # All-reduce, or reduce-scatter + all-gather of the updated 16-bit weights.
         volume = 2 * g_bytes if lay.zero == 0 else g_bytes + w_bytes
-        total = half * params * volume
-        window = costs.backward if train.overlap_grad_reduce else 0.0
+        total = reduce_scatter_s(params * volume, d, gbps, cal)
+        window = costs.backward / lay.vpp if train.overlap_grad_reduce else 0.0
         return total, max(0.0, total - window)
-    per_mb = half * params * (g_bytes + (2 * w_bytes if lay.zero == 3 else 0))
-    end = half * params * w_bytes if lay.zero == 2 else 0.0  # gather updated weights
+    per_mb = reduce_scatter_s(
+        params * (g_bytes + (2 * w_bytes if lay.zero == 3 else 0)), d, gbps, cal
+    )
+    end = reduce_scatter_s(params * w_bytes, d, gbps, cal) if lay.zero == 2 else 0.0
     total = per_mb * num_mb + end
     exposed = num_mb * max(0.0, per_mb - (costs.forward + costs.backward)) + end
     return total, exposed

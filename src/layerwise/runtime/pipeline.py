@@ -1,0 +1,441 @@
+"""The public runtime: ``Pipeline`` runs any schedule for real across worker processes.
+
+Every rank of the pipeline group constructs the same ``Pipeline``; each builds only the
+stages the schedule places on it, and one loop executes this worker's action list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from layerwise.partition import Partition
+from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, materialize, resolve_balance
+from layerwise.runtime.stage import Stage
+from layerwise.runtime.transport import PendingRecv, Transport
+from layerwise.runtime.tree import TensorMeta, flatten, map_tensors, signature, unflatten
+from layerwise.schedules import Action, Schedule, dependencies, generate, validate
+from layerwise.timeline import Event, Timeline
+
+CHECKPOINT_MODES = ("never", "always", "except_last")
+LOOKAHEAD = 2  # receives posted this many actions ahead of need
+
+TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
+
+
+def _split(value: Any, m: int) -> list[Any]:
+    """Cut every tensor of ``value`` into ``m`` micro-batches along dim 0."""
+    tensors, _ = flatten(value)
+    if not tensors:
+        raise ValueError("a batch must contain at least one tensor")
+    rows = tensors[0].shape[0]
+    if rows < m:
+        raise ValueError(f"a batch of {rows} rows cannot be cut into {m} micro-batches")
+    for t in tensors:
+        if t.shape[0] != rows:
+            raise ValueError(f"all tensors of a batch need the same first dimension ({rows}), got {tuple(t.shape)}")
+    pieces = [torch.tensor_split(t, m) for t in tensors]
+    return [map_tensors(value, _indexer(pieces, i)) for i in range(m)]
+
+
+def _indexer(pieces: list[tuple[torch.Tensor, ...]], i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    it: Iterator[tuple[torch.Tensor, ...]] = iter(pieces)
+    return lambda _t: next(it)[i]
+
+
+class Pipeline:
+    """Layer-wise model parallelism over the ranks of ``group`` (all ranks by default).
+
+    ``layers``: an ``nn.Sequential``, a list of modules, a list of zero-argument factories,
+    or modules on the ``meta`` device. Only this worker's layers are built or kept.
+    ``schedule``: a name (``naive``, ``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``)
+    or a :class:`~layerwise.schedules.Schedule`. ``balance``: see ``resolve_balance``.
+    ``checkpoint``: ``never``, ``always`` or ``except_last`` (every micro-batch but the last
+    recomputes its forward during backward). ``tied``: parameters shared by two layers, as
+    (layer, name, layer, name); their gradients are summed across the workers that hold them.
+    ``timeout``: seconds any wait on a peer may take before raising.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec] | nn.Sequential,
+        schedule: str | Schedule = "1f1b",
+        microbatches: int = 8,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        balance: Balance = "uniform",
+        group: dist.ProcessGroup | None = None,
+        checkpoint: str = "never",
+        chunks: int | None = None,
+        tied: Sequence[TiedSpec] = (),
+        device: torch.device | str | None = None,
+        timeout: float = 120.0,
+        seed: int = 0,
+        sample: Any = None,
+    ) -> None:
+        specs: list[LayerSpec] = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        if not specs:
+            raise ValueError("a pipeline needs at least one layer")
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+        self.group = group
+        distributed = dist.is_available() and dist.is_initialized()
+        self.worker = dist.get_rank(group) if distributed else 0
+        self.num_workers = dist.get_world_size(group) if distributed else 1
+        self.schedule = self._make_schedule(schedule, microbatches, chunks)
+        self.partition = self._make_partition(specs, balance, sample)
+        self.loss_fn = loss_fn
+        self.checkpoint = checkpoint
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.stages: dict[int, Stage] = {
+            s: self._build_stage(s, specs, seed) for s in self.schedule.stages_of(self.worker)
+        }
+        self.transport = Transport(self.worker, self.num_workers, group, self.device, timeout,
+                                   self.schedule.num_stages, on_wait=self._record_wait)
+        self._events: list[Event] = []
+        self._last_timeline: Timeline | None = None
+        self._tie_groups = self._setup_ties(tied, distributed)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _make_schedule(self, schedule: str | Schedule, microbatches: int, chunks: int | None) -> Schedule:
+        if isinstance(schedule, Schedule):
+            validate(schedule)
+            if schedule.num_workers != self.num_workers:
+                raise ValueError(
+                    f"schedule is for {schedule.num_workers} workers but the group has {self.num_workers}"
+                )
+            return schedule
+        v = chunks or (2 if schedule.startswith("interleaved") else 1)
+        return generate(schedule, self.num_workers, microbatches, v)
+
+    def _make_partition(self, specs: list[LayerSpec], balance: Balance, sample: Any) -> Partition:
+        num_stages = self.schedule.num_stages
+        if num_stages > len(specs):
+            raise ValueError(
+                f"{len(specs)} layers cannot fill {num_stages} stages ({self.num_workers} workers x "
+                f"{self.schedule.chunks} chunks): use at most {len(specs)} stages"
+            )
+        return resolve_balance(specs, num_stages, balance, sample)
+
+    def _build_stage(self, s: int, specs: list[LayerSpec], seed: int) -> Stage:
+        r = self.partition.ranges[s]
+        built = []
+        for i in r:
+            spec = specs[i]
+            if isinstance(spec, nn.Module) and not is_meta(spec):
+                module = spec  # given built: keep its weights exactly
+            else:
+                # seeded per layer, so weights do not depend on how many workers there are
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + i)
+                    module = build_layer(spec)
+                    if is_meta(module):
+                        module = materialize(module, self.device)
+            built.append(module.to(self.device))
+        return Stage(s, r.start, built)
+
+    def _setup_ties(self, tied: Sequence[TiedSpec], distributed: bool) -> list[tuple[list[nn.Parameter], Any]]:
+        """Share tied parameters; return (local copies, process group) per tie across workers."""
+        groups = []
+        for layer_a, name_a, layer_b, name_b in tied:
+            holders = sorted({self.schedule.stage_worker[self.partition.stage_of(x)] for x in (layer_a, layer_b)})
+            local = [self._param(layer, name) for layer, name in ((layer_a, name_a), (layer_b, name_b))]
+            found = [p for p in local if p is not None]
+            if len(holders) == 1:
+                if len(found) == 2:  # same worker: one Parameter object serves both layers
+                    self._set_param(layer_b, name_b, found[0])
+                continue
+            pg = dist.new_group([dist.get_global_rank(self.group, w) if self.group else w for w in holders]) if distributed else None
+            if found:
+                with torch.no_grad():  # start identical: the lowest worker's copy wins
+                    dist.broadcast(found[0].data, src=dist.get_global_rank(self.group, holders[0]) if self.group else holders[0], group=pg)
+                groups.append((found, pg))
+        return groups
+
+    def _layer(self, index: int) -> nn.Module | None:
+        stage = self.stages.get(self.partition.stage_of(index))
+        return None if stage is None else stage.layers[index - stage.first_layer]
+
+    def _param(self, layer: int, name: str) -> nn.Parameter | None:
+        module = self._layer(layer)
+        return None if module is None else module.get_parameter(name)
+
+    def _set_param(self, layer: int, name: str, param: nn.Parameter) -> None:
+        module = self._layer(layer)
+        assert module is not None
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        setattr(owner, attr, param)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def is_first(self) -> bool:
+        return self.schedule.stage_worker[0] == self.worker
+
+    @property
+    def is_last(self) -> bool:
+        return self.schedule.stage_worker[-1] == self.worker
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Yield this worker's parameters, each once."""
+        seen: set[int] = set()
+        for s in sorted(self.stages):
+            for p in self.stages[s].parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Yield ('<global layer index>.<name>', parameter) for this worker's layers."""
+        seen: set[int] = set()
+        for s in sorted(self.stages):
+            stage = self.stages[s]
+            for i, layer in enumerate(stage.layers):
+                for name, p in layer.named_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield f"{stage.first_layer + i}.{name}", p
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> Pipeline:
+        for stage in self.stages.values():
+            stage.train(mode)
+        return self
+
+    def eval(self) -> Pipeline:
+        return self.train(False)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _broadcast_plan(self, inputs: Any, m: int) -> list[Any]:
+        """Tell every worker the shape signature of each micro-batch (first worker knows)."""
+        plan: list[Any] = [None]
+        if self.is_first:
+            if inputs is None:
+                raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
+            plan = [[(flatten(mb)[0][0].shape[0], signature(mb)) for mb in _split(inputs, m)]]
+        if self.num_workers > 1:
+            src = self.schedule.stage_worker[0]
+            src = dist.get_global_rank(self.group, src) if self.group else src
+            dist.broadcast_object_list(plan, src=src, group=self.group)
+        return plan[0]  # type: ignore[no-any-return]
+
+    def _record_wait(self, t0: float, t1: float) -> None:
+        if t1 - t0 > 20e-6:  # ignore waits that found their data already there
+            self._events.append(Event(self.worker, t0, t1, "wait"))
+
+    def train_step(self, inputs: Any = None, targets: Any = None) -> float:
+        """Run one global batch forward and backward; accumulate this worker's gradients.
+
+        Returns the batch's mean loss on every rank. The optimizer step is the caller's.
+        """
+        if self.loss_fn is None:
+            raise ValueError("train_step needs a loss_fn")
+        return self._run(inputs, targets, train=True)
+
+    def _run(self, inputs: Any, targets: Any, train: bool) -> float:
+        sched = self.schedule
+        m = sched.num_microbatches
+        plan = self._broadcast_plan(inputs, m)
+        rows = [r for r, _ in plan]
+        total_rows = sum(rows)
+        mb_inputs = _split(inputs, m) if self.is_first else [None] * m
+        mb_targets: list[Any] = [None] * m
+        if self.is_last:
+            if targets is None:
+                raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
+            mb_targets = _split(targets, m)
+            got = [flatten(t)[0][0].shape[0] for t in mb_targets]
+            if got != rows:
+                raise ValueError(f"targets split into micro-batches of {got} rows, inputs into {rows}")
+        self._events = []
+        losses: dict[int, torch.Tensor] = {}
+        local: dict[tuple[int, str, int], Any] = {}  # hand-offs between stages on this worker
+        posted: dict[Action, PendingRecv] = {}
+        sent_outputs: dict[tuple[int, int], list[TensorMeta]] = {}  # what gradients to expect
+        acts = sched.actions[self.worker]
+        last_stage = sched.num_stages - 1
+
+        def head_for(stage: int, mb: int) -> Callable[[Any], torch.Tensor] | None:
+            if stage != last_stage:
+                return None
+            assert self.loss_fn is not None
+            weight = rows[mb] / total_rows
+            return lambda out: self.loss_fn(out, mb_targets[mb]) * weight  # type: ignore[misc]
+
+        def needs_remote(a: Action) -> int | None:
+            for dep in dependencies(a, sched):
+                if dep.stage != a.stage and sched.stage_worker[dep.stage] != self.worker:
+                    return sched.stage_worker[dep.stage]
+            return None
+
+        def post(a: Action, now: bool) -> None:
+            peer = needs_remote(a)
+            if peer is None or a in posted:
+                return
+            if a.kind == "F":
+                if not now and not self.transport.knows(a.stage - 1, plan[a.microbatch][1]):
+                    return  # new shapes: metadata must be received in order, not ahead
+                posted[a] = self.transport.post_activation(
+                    a.stage - 1, a.microbatch, peer, plan[a.microbatch][1]
+                )
+            elif a.kind in ("B", "I"):
+                like = sent_outputs[(a.stage, a.microbatch)]
+                posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
+
+        for pos, a in enumerate(acts):
+            # post receives for this action and the next few, so data flows while we compute
+            for k, ahead in enumerate(acts[pos : pos + 1 + LOOKAHEAD]):
+                if ahead.kind == "F" or (ahead.stage, ahead.microbatch) in sent_outputs:
+                    post(ahead, now=k == 0)
+            stage = self.stages[a.stage]
+            s, mb = a.stage, a.microbatch
+            if a.kind == "F":
+                if s == 0:
+                    x = mb_inputs[mb]
+                elif a in posted:
+                    x = self.transport.complete(posted.pop(a))
+                else:
+                    x = local.pop((s - 1, "F", mb))
+                t0 = time.perf_counter()
+                ckpt = self.checkpoint == "always" or (self.checkpoint == "except_last" and mb < m - 1)
+                out, loss = stage.forward_step(mb, x, head_for(s, mb), ckpt, capture=sched.splits_backward(s))
+                t1 = time.perf_counter()
+                if loss is not None:
+                    losses[mb] = loss.detach()
+                if s < last_stage:
+                    peer = sched.stage_worker[s + 1]
+                    if peer == self.worker:
+                        local[(s, "F", mb)] = out
+                    else:
+                        sent = self.transport.send_activation(out, s, mb, peer, plan[mb][1])
+                        sent_outputs[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
+                        _free_sent(out)
+                self._events.append(Event(self.worker, t0, t1, "F", s, mb))
+            elif a.kind in ("B", "I"):
+                grads = None
+                if s < last_stage:
+                    if a in posted:
+                        grads = self.transport.complete(posted.pop(a))
+                    else:
+                        grads = local.pop((s + 1, "B", mb))
+                t0 = time.perf_counter()
+                head = head_for(s, mb)
+                if a.kind == "B":
+                    in_grads = stage.backward_step(mb, grads, head)
+                else:
+                    in_grads = stage.input_grad_step(mb, grads, head)
+                t1 = time.perf_counter()
+                if s > 0:
+                    peer = sched.stage_worker[s - 1]
+                    if peer == self.worker:
+                        local[(s, "B", mb)] = in_grads
+                    else:
+                        self.transport.send_gradient(in_grads, s, mb, peer)
+                sent_outputs.pop((s, mb), None)
+                self._events.append(Event(self.worker, t0, t1, a.kind, s, mb))
+            else:
+                t0 = time.perf_counter()
+                stage.weight_grad_step(mb)
+                self._events.append(Event(self.worker, t0, time.perf_counter(), "W", s, mb))
+            self.transport.reap_sends()
+        self.transport.reap_sends(block=True)
+        self._reduce_tied()
+        return self._share_loss(losses)
+
+    def _reduce_tied(self) -> None:
+        for params, pg in self._tie_groups:
+            p = params[0]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=pg)
+
+    def _share_loss(self, losses: dict[int, torch.Tensor]) -> float:
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.is_last:
+            value[0] = float(sum(v.double() for v in losses.values()))
+        if self.num_workers > 1:
+            src = self.schedule.stage_worker[-1]
+            dist.broadcast(value, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+        return float(value.item())
+
+    # -- inference ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, inputs: Any = None) -> Any:
+        """Run ``inputs`` forward through every stage (one micro-batch per schedule slot);
+        return the concatenated output on the last worker and None elsewhere."""
+        sched = self.schedule
+        m = sched.num_microbatches
+        plan = self._broadcast_plan(inputs, m)
+        mb_inputs = _split(inputs, m) if self.is_first else [None] * m
+        outputs: dict[int, Any] = {}
+        local: dict[tuple[int, int], Any] = {}
+        fwd = [a for a in sched.actions[self.worker] if a.kind == "F"]
+        for a in fwd:
+            s, mb = a.stage, a.microbatch
+            if s == 0:
+                x = mb_inputs[mb]
+            elif sched.stage_worker[s - 1] == self.worker:
+                x = local.pop((s - 1, mb))
+            else:
+                peer = sched.stage_worker[s - 1]
+                x = self.transport.complete(self.transport.post_activation(s - 1, mb, peer, plan[mb][1]))
+            out = self.stages[s].run(x)
+            if s == sched.num_stages - 1:
+                outputs[mb] = out
+            elif sched.stage_worker[s + 1] == self.worker:
+                local[(s, mb)] = out
+            else:
+                self.transport.send_activation(out, s, mb, sched.stage_worker[s + 1], plan[mb][1])
+            self.transport.reap_sends()
+        self.transport.reap_sends(block=True)
+        if not self.is_last:
+            return None
+        parts = [outputs[i] for i in range(m)]
+        first = flatten(parts[0])
+        cat = [torch.cat([flatten(p)[0][k] for p in parts]) for k in range(len(first[0]))]
+        return unflatten(cat, first[1])
+
+    # -- timeline -----------------------------------------------------------------------------
+
+    def local_events(self) -> list[Event]:
+        """This worker's events from the last step (wall-clock seconds)."""
+        return list(self._events)
+
+    def timeline(self) -> Timeline:
+        """Gather every worker's events of the last step into one measured Timeline.
+
+        Collective: call it on every rank. Times are relative to the earliest event.
+        """
+        events = self.local_events()
+        gathered: list[Any] = [events]
+        if self.num_workers > 1:
+            gathered = [None] * self.num_workers
+            dist.all_gather_object(gathered, events, group=self.group)
+        tl = Timeline(self.num_workers, [e for evs in gathered for e in evs], "measured",
+                      {"schedule": self.schedule.name, "microbatches": self.schedule.num_microbatches,
+                       "stages": self.schedule.num_stages})
+        return tl.shifted()
+
+
+def _free_sent(out: Any) -> None:
+    """Free an output's memory once sent; its autograd node stays for the backward
+    (the trick Megatron-LM calls deallocate_output_tensor). Skipped where the graph saved the
+    output itself (e.g. tanh, sigmoid) or where it is a view, since then the data is needed."""
+    for t in flatten(out)[0]:
+        fn = t.grad_fn
+        if fn is None or t._base is not None or hasattr(fn, "_saved_result"):
+            continue
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+

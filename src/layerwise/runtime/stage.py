@@ -1,0 +1,188 @@
+"""One stage: its layers, and the forward/backward work of one micro-batch at a time.
+
+Each forward stashes what the matching backward needs, keyed by micro-batch, and the
+backward drops it. Three ways to run a backward:
+
+- ``backward``: the whole backward at once (B);
+- ``input_grad`` then ``weight_grad`` (I, W): I computes only the gradients the previous
+  stage waits for, plus the gradients of the outputs of every module that owns parameters;
+  W later turns those into parameter gradients, module by module, from the retained graph.
+  (Correct as long as a parameter is used only by the modules that register it.)
+
+With checkpointing, the forward runs without a graph and keeps only its inputs and RNG
+state; the first backward action recomputes the forward with the same random numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd import Variable
+
+from layerwise.profile import call_layer
+from layerwise.runtime.tree import flatten, map_tensors
+
+LossHead = Callable[[Any], torch.Tensor]
+
+
+def _grad_leaves(value: Any) -> list[torch.Tensor]:
+    return [t for t in flatten(value)[0] if t.requires_grad]
+
+
+def _prepare_inputs(value: Any) -> Any:
+    """Detach inputs from whatever produced them; float tensors become leaves needing grad."""
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.requires_grad_(True) if t.is_floating_point() else t
+
+    return map_tensors(value, leaf)
+
+
+def _run_backward(
+    roots: list[torch.Tensor], grads: list[torch.Tensor] | None, inputs: list[torch.Tensor], keep: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward from ``roots``; return the gradients of ``inputs`` without accumulating them
+    (or accumulate into leaves when ``inputs`` is empty). Uses the engine directly because the
+    roots' data may have been freed after sending (only their graph is needed)."""
+    grad_tensors = tuple(grads) if grads is not None else tuple(torch.ones_like(r) for r in roots)
+    return Variable._execution_engine.run_backward(  # type: ignore[no-any-return]
+        tuple(roots), grad_tensors, keep, False, tuple(inputs), True, not inputs
+    )
+
+
+@dataclass
+class Stash:
+    """What one micro-batch's backward needs."""
+
+    inputs: Any
+    rng_state: torch.Tensor | None = None
+    output: Any = None
+    loss: torch.Tensor | None = None
+    captures: list[tuple[nn.Module, list[torch.Tensor]]] = field(default_factory=list)
+    capture_grads: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class Stage(nn.Module):
+    """The consecutive layers ``first .. first + len(layers) - 1`` of the model."""
+
+    def __init__(self, index: int, first_layer: int, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.index = index
+        self.first_layer = first_layer
+        self.layers = nn.ModuleList(layers)
+        self.stash: dict[int, Stash] = {}
+        self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
+        for module in self.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_hook(self._capture_hook)
+
+    def _capture_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capturing is not None and torch.is_grad_enabled():
+            outs = [t for t in flatten(output)[0] if t.requires_grad]
+            if outs:
+                self._capturing.append((module, outs))
+
+    def describe(self) -> str:
+        last = self.first_layer + len(self.layers) - 1
+        return f"stage {self.index} (layers {self.first_layer}-{last})"
+
+    def run(self, value: Any) -> Any:
+        """Apply the stage's layers in order (no stashing): used by inference and recompute."""
+        for layer in self.layers:
+            value = call_layer(layer, value)
+        return value
+
+    def _forward_graph(self, mb: int, inputs: Any, head: LossHead | None, capture: bool) -> Stash:
+        stash = Stash(inputs=inputs)
+        self._capturing = stash.captures if capture else None
+        try:
+            stash.output = self.run(inputs)
+        finally:
+            self._capturing = None
+        if head is not None:
+            stash.loss = head(stash.output)
+        return stash
+
+    def forward_step(self, mb: int, value: Any, head: LossHead | None, checkpoint: bool,
+                     capture: bool) -> tuple[Any, torch.Tensor | None]:
+        """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward."""
+        inputs = _prepare_inputs(value)
+        if checkpoint:
+            rng = torch.get_rng_state()
+            with torch.no_grad():
+                output = self.run(inputs)
+                loss = head(output) if head is not None else None
+            self.stash[mb] = Stash(inputs=inputs, rng_state=rng)
+            return output, loss
+        stash = self._forward_graph(mb, inputs, head, capture)
+        self.stash[mb] = stash
+        return stash.output, stash.loss
+
+    def _materialize(self, mb: int, head: LossHead | None, capture: bool) -> Stash:
+        stash = self.stash[mb]
+        if stash.rng_state is not None:  # checkpointed: recompute with the forward's RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(stash.rng_state)
+                stash = self._forward_graph(mb, stash.inputs, head, capture)
+            self.stash[mb] = stash
+        return stash
+
+    def _roots(self, stash: Stash, grads: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        if stash.loss is not None:
+            return [stash.loss], None
+        # every floating-point tensor passed on gets a gradient back (zeros if unused)
+        outs = [t for t in flatten(stash.output)[0] if t.is_floating_point()]
+        if grads is None or len(grads) != len(outs):
+            raise RuntimeError(
+                f"{self.describe()}: got {0 if grads is None else len(grads)} output gradients "
+                f"for {len(outs)} floating-point outputs"
+            )
+        for o, g in zip(outs, grads, strict=True):
+            if o.shape != g.shape and o.numel() > 0:
+                raise RuntimeError(
+                    f"{self.describe()}: gradient of shape {tuple(g.shape)} for an output of "
+                    f"shape {tuple(o.shape)}"
+                )
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def backward_step(self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None) -> list[torch.Tensor]:
+        """Full backward of ``mb``; accumulate parameter grads; return the input gradients."""
+        stash = self._materialize(mb, head, capture=False)
+        roots, grads = self._roots(stash, grads)
+        leaves = _grad_leaves(stash.inputs)
+        _run_backward(roots, grads, [], keep=False)
+        del self.stash[mb]
+        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+    def input_grad_step(self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None) -> list[torch.Tensor]:
+        """I: gradients of the inputs (returned) and of every module output (kept for W)."""
+        stash = self._materialize(mb, head, capture=True)
+        roots, grads = self._roots(stash, grads)
+        leaves = _grad_leaves(stash.inputs)
+        captured = [t for _, outs in stash.captures for t in outs]
+        result = _run_backward(roots, grads, leaves + captured, keep=True)
+        stash.capture_grads = list(result[len(leaves):])
+        stash.output = stash.loss = None
+        return [g if g is not None else torch.zeros_like(t) for t, g in zip(leaves, result, strict=False)]
+
+    def weight_grad_step(self, mb: int) -> None:
+        """W: parameter gradients from the output gradients that I kept; frees the stash."""
+        stash = self.stash.pop(mb)
+        grads = iter(stash.capture_grads)
+        for module, outs in stash.captures:
+            out_grads = [next(grads) for _ in outs]
+            pairs = [(o, g) for o, g in zip(outs, out_grads, strict=True) if g is not None]
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not pairs or not params:
+                continue
+            got = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs],
+                                      retain_graph=True, allow_unused=True)
+            for p, g in zip(params, got, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g

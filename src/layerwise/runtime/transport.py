@@ -1,0 +1,197 @@
+"""Point-to-point transport between pipeline workers over torch.distributed.
+
+Activations go forward (stage s -> s+1) and gradients back (s+1 -> s). Every message has a
+tag derived from (stage, direction, micro-batch), so receives can be posted early and in
+any order (gloo matches by tag). Every wait has a timeout; a peer that dies or stalls
+raises :class:`PeerError` naming the peer.
+
+Metadata (structure, shapes, dtypes) of an activation travels once per *shape signature*
+(the shapes of the micro-batch's inputs, which every worker learns at the start of a step)
+and is cached by both sides, so steady-state transfers are payload only. Gradients need no
+metadata: the receiver already holds the output they belong to.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwise.runtime.tree import TensorMeta, flatten, unflatten
+
+
+class PeerError(RuntimeError):
+    """A peer worker died, stalled past the timeout, or sent something unexpected."""
+
+
+ACT, GRAD, META = 0, 1, 2
+MAX_TENSORS = 32
+
+
+@dataclass
+class PendingRecv:
+    """Receive buffers posted before they are needed."""
+
+    works: list[Any]
+    buffers: list[torch.Tensor]
+    spec: Any
+    peer: int
+    what: str
+
+
+class Transport:
+    """Sends and receives tensor trees between the workers of one pipeline group."""
+
+    def __init__(
+        self,
+        worker: int,
+        num_workers: int,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        timeout_s: float,
+        num_stages: int,
+        on_wait: Callable[[float, float], None] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.num_workers = num_workers
+        self.group = group
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.num_stages = num_stages
+        self.on_wait = on_wait
+        self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta]]] = {}
+        self.pending_sends: list[tuple[Any, list[torch.Tensor], int, str]] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def global_rank(self, worker: int) -> int:
+        if self.group is None:
+            return worker
+        return dist.get_global_rank(self.group, worker)
+
+    def _tag(self, stage: int, kind: int, microbatch: int, index: int = 0) -> int:
+        # one tag per tensor, so that nothing relies on the order in which messages match
+        if index >= MAX_TENSORS:
+            raise ValueError(f"a stage may pass at most {MAX_TENSORS} tensors to the next one")
+        return ((microbatch * self.num_stages + stage) * 3 + kind) * MAX_TENSORS + index
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as err:
+            if "timed out" in str(err).lower():
+                raise PeerError(
+                    f"worker {self.worker}: no {what} from worker {peer} (rank "
+                    f"{self.global_rank(peer)}) within {self.timeout.total_seconds():g}s; "
+                    f"is it alive and running the same schedule?"
+                ) from err
+            raise PeerError(
+                f"worker {self.worker} lost worker {peer} (rank {self.global_rank(peer)}) "
+                f"while waiting for {what}: {err}"
+            ) from err
+        if ok is False:
+            raise PeerError(
+                f"worker {self.worker}: no {what} from worker {peer} within "
+                f"{self.timeout.total_seconds():g}s (is it alive?)"
+            )
+        if self.on_wait is not None:
+            self.on_wait(t0, time.perf_counter())
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        return dist.isend(tensor, dst=self.global_rank(peer), group=self.group, tag=tag)
+
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        return dist.irecv(tensor, src=self.global_rank(peer), group=self.group, tag=tag)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send_activation(self, value: Any, stage: int, microbatch: int, peer: int, signature: Any) -> list[torch.Tensor]:
+        """Send stage ``stage``'s output for ``microbatch`` to ``peer``; return the sent tensors."""
+        tensors, spec = flatten(value)
+        metas = [TensorMeta.of(t) for t in tensors]
+        key = (stage, signature)
+        cached = self.meta_cache.get(key)
+        if cached is None:
+            self.meta_cache[key] = (spec, metas)
+            blob = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
+            size = torch.tensor([blob.numel()], dtype=torch.int64)
+            for i, t in enumerate((size, blob)):
+                work = self._isend(t, peer, self._tag(stage, META, microbatch, i))
+                self.pending_sends.append((work, [t], peer, "metadata"))
+        elif cached != (spec, metas):
+            raise PeerError(
+                f"stage {stage} output for micro-batch {microbatch} changed to "
+                f"{[m.describe() for m in metas]} (structure {spec}) although its inputs kept "
+                f"their shapes; it was {[m.describe() for m in cached[1]]}. Stage outputs must "
+                f"depend only on input shapes."
+            )
+        sent = [t.detach().contiguous() for t in tensors]
+        for i, t in enumerate(sent):
+            work = self._isend(t, peer, self._tag(stage, ACT, microbatch, i))
+            self.pending_sends.append((work, [t], peer, "activation"))
+        return sent
+
+    def send_gradient(self, grads: list[torch.Tensor], stage: int, microbatch: int, peer: int) -> None:
+        """Send the input gradients of ``stage`` for ``microbatch`` back to ``peer``."""
+        for i, g in enumerate(grads):
+            g = g.contiguous()
+            work = self._isend(g, peer, self._tag(stage, GRAD, microbatch, i))
+            self.pending_sends.append((work, [g], peer, "gradient"))
+
+    def reap_sends(self, block: bool = False) -> None:
+        """Drop finished sends (and their buffers); with ``block``, wait for all of them."""
+        keep = []
+        for work, tensors, peer, what in self.pending_sends:
+            if block:
+                self._wait(work, peer, f"acknowledgement of a {what} send")
+            elif not work.is_completed():
+                keep.append((work, tensors, peer, what))
+        self.pending_sends = keep
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _recv_meta(self, stage: int, microbatch: int, peer: int, signature: Any) -> tuple[Any, list[TensorMeta]]:
+        key = (stage, signature)
+        if key not in self.meta_cache:
+            what = f"metadata of stage {stage}'s output"
+            size = torch.zeros(1, dtype=torch.int64)
+            self._wait(self._irecv(size, peer, self._tag(stage, META, microbatch, 0)), peer, what)
+            blob = torch.empty(int(size.item()), dtype=torch.uint8)
+            self._wait(self._irecv(blob, peer, self._tag(stage, META, microbatch, 1)), peer, what)
+            self.meta_cache[key] = pickle.loads(blob.numpy().tobytes())
+        return self.meta_cache[key]
+
+    def knows(self, stage: int, signature: Any) -> bool:
+        """Return True if the metadata of ``stage``'s output for these shapes is cached."""
+        return (stage, signature) in self.meta_cache
+
+    def post_activation(self, stage: int, microbatch: int, peer: int, signature: Any) -> PendingRecv:
+        """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
+        spec, metas = self._recv_meta(stage, microbatch, peer, signature)
+        buffers = [m.empty(self.device) for m in metas]
+        works = [self._irecv(b, peer, self._tag(stage, ACT, microbatch, i)) for i, b in enumerate(buffers)]
+        what = f"stage {stage}'s output for micro-batch {microbatch}"
+        return PendingRecv(works, buffers, spec, peer, what)
+
+    def post_gradient(self, like: list[TensorMeta], stage: int, microbatch: int, peer: int) -> PendingRecv:
+        """Post receives for the gradients of ``like`` (outputs of ``stage - 1``) from ``peer``."""
+        buffers = [m.empty(self.device) for m in like]
+        works = [self._irecv(b, peer, self._tag(stage, GRAD, microbatch, i)) for i, b in enumerate(buffers)]
+        what = f"stage {stage}'s input gradient for micro-batch {microbatch}"
+        return PendingRecv(works, buffers, None, peer, what)
+
+    def complete(self, pending: PendingRecv) -> Any:
+        """Wait for a posted receive; return the tree (activations) or the tensor list (grads)."""
+        for work in pending.works:
+            self._wait(work, pending.peer, pending.what)
+        if pending.spec is None:
+            return pending.buffers
+        return unflatten(pending.buffers, pending.spec)
