@@ -117,7 +117,9 @@ def test_profile_counts_without_materializing_meta() -> None:
     with torch.device("meta"):
         big = nn.Linear(1024, 1024)
     assert count_params(big) == 1024 * 1024 + 1024
-    profiles = profile_layers([nn.Linear(8, 16), lambda: nn.Linear(16, 2)], torch.randn(3, 8), repeats=1)
+    profiles = profile_layers(
+        [nn.Linear(8, 16), lambda: nn.Linear(16, 2)], torch.randn(3, 8), repeats=1
+    )
     assert [p.params for p in profiles] == [8 * 16 + 16, 16 * 2 + 2]
     assert [p.activation_bytes for p in profiles] == [3 * 16 * 4, 3 * 2 * 4]
     assert all(p.forward_s > 0 and p.backward_s > 0 for p in profiles)

@@ -70,11 +70,23 @@ def _schedule(rows: list[str], m: int, placement: tuple[int, ...] | None = None)
 @pytest.mark.parametrize(
     ("rows", "m", "message"),
     [
-        (["0F0 0B0", "1B0 1F0"], 1, r"deadlocks:\n.*\n  worker 1, position 0 \(1B0\) waits for 1F0 .* later in its own list"),
-        (["0F0 0B0 0F1 0B1", "1F1 1B1 1F0 1B0"], 2, r"worker 1, position 0 \(1F1\) waits for 0F1 .*stuck behind worker 0"),
+        (
+            ["0F0 0B0", "1B0 1F0"],
+            1,
+            r"deadlocks:\n.*\n  worker 1, position 0 \(1B0\) waits for 1F0 .* later in its own list",
+        ),
+        (
+            ["0F0 0B0 0F1 0B1", "1F1 1B1 1F0 1B0"],
+            2,
+            r"worker 1, position 0 \(1F1\) waits for 0F1 .*stuck behind worker 0",
+        ),
         (["0F0", "1F0 1B0"], 1, r"backward of micro-batch 0 on stage 0 is missing"),
         (["0F0 0B0 0F0", "1F0 1B0"], 1, r"worker 0, position 2 \(0F0\): .* appears twice"),
-        (["0F0 0B0", "1F0 1W0 1I0"], 1, r"worker 1, position 1 \(1W0\): weight gradient W comes before"),
+        (
+            ["0F0 0B0", "1F0 1W0 1I0"],
+            1,
+            r"worker 1, position 1 \(1W0\): weight gradient W comes before",
+        ),
         (["0F0 0B0", "1F0 1B0 1I0 1W0"], 1, r"either one B or an I and a W"),
         (["0F0 0B0 1F0 1B0", ""], 1, r"worker 0, position 2 \(1F0\): stage 1 lives on worker 1"),
         (["0F0 0B0 0F1 0B1", "1F0 1B0"], 1, r"micro-batch 1 does not exist"),

@@ -36,10 +36,14 @@ def test_peak_inflight_activations(p: int, m: int) -> None:
     assert one_f_one_b.peak_inflight(0) == min(p, m)
     assert [one_f_one_b.peak_inflight(w) for w in range(p)] == [min(p - w, m) for w in range(p)]
     assert simulate(generate("gpipe", p, m), costs).peak_inflight(0) == m
-    assert max(simulate(generate("zb-h1", p, m), costs).peak_inflight(w) for w in range(p)) <= min(p, m)
+    assert max(simulate(generate("zb-h1", p, m), costs).peak_inflight(w) for w in range(p)) <= min(
+        p, m
+    )
 
 
-@pytest.mark.parametrize(("p", "m", "v"), [(2, 2, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2), (4, 16, 4), (8, 16, 2), (4, 8, 3)])
+@pytest.mark.parametrize(
+    ("p", "m", "v"), [(2, 2, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2), (4, 16, 4), (8, 16, 2), (4, 8, 3)]
+)
 def test_interleaved_bubble_is_one_vth(p: int, m: int, v: int) -> None:
     # a stage is 1/v of a worker's layers, so its costs are 1/v of a plain stage's
     tl = simulate(generate("interleaved-1f1b", p, m, v), Costs.uniform(p * v, 1.0 / v, 2.0 / v))
@@ -58,8 +62,9 @@ def test_zero_bubble_h1_is_a_third_of_1f1b(p: int, m: int) -> None:
 
 
 def test_communication_and_uneven_stages() -> None:
-    costs = Costs.per_stage([1.0, 3.0], [2.0, 6.0], activation_bytes=[1e6, 0.0],
-                            comm_latency=0.5, comm_bandwidth=1e6)
+    costs = Costs.per_stage(
+        [1.0, 3.0], [2.0, 6.0], activation_bytes=[1e6, 0.0], comm_latency=0.5, comm_bandwidth=1e6
+    )
     tl = simulate(generate("gpipe", 2, 1), costs)
     # F0 [0,1], send 1.5, F1 [2.5,5.5], B1 [5.5,11.5], send 1.5, B0 [13,15]
     assert tl.makespan() == pytest.approx(15.0)
@@ -97,6 +102,10 @@ def test_renderers(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_wait_counts_as_idle_and_comm() -> None:
-    tl = Timeline(2, [Event(0, 0, 1, "F", 0, 0), Event(1, 0, 1, "wait"), Event(1, 1, 2, "F", 1, 0)], "measured")
+    tl = Timeline(
+        2,
+        [Event(0, 0, 1, "F", 0, 0), Event(1, 0, 1, "wait"), Event(1, 1, 2, "F", 1, 0)],
+        "measured",
+    )
     assert tl.busy(1) == 1 and tl.idle(1) == 1 and tl.comm_wait(1) == 1
     assert tl.idle_fraction(0) == 0.5

@@ -19,15 +19,30 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         description="Simulate one training step of a pipeline schedule and show where workers idle.",
     )
     p.add_argument("--workers", "-p", type=int, default=4, help="pipeline workers (default 4)")
-    p.add_argument("--microbatches", "-m", type=int, default=8, help="micro-batches per step (default 8)")
+    p.add_argument(
+        "--microbatches", "-m", type=int, default=8, help="micro-batches per step (default 8)"
+    )
     p.add_argument("--schedule", "-s", default="1f1b", choices=SCHEDULE_NAMES)
-    p.add_argument("--chunks", "-v", type=int, default=None,
-                   help="stages per worker for interleaved-1f1b (default 2)")
-    p.add_argument("--fwd", type=float, default=1.0, help="forward time of a worker's layers (default 1)")
+    p.add_argument(
+        "--chunks",
+        "-v",
+        type=int,
+        default=None,
+        help="stages per worker for interleaved-1f1b (default 2)",
+    )
+    p.add_argument(
+        "--fwd", type=float, default=1.0, help="forward time of a worker's layers (default 1)"
+    )
     p.add_argument("--bwd", type=float, default=2.0, help="backward time (default 2)")
-    p.add_argument("--wgrad", type=float, default=None,
-                   help="weight-gradient part of the backward, for zb-h1 (default bwd/2)")
-    p.add_argument("--comm", type=float, default=0.0, help="time to send one activation (default 0)")
+    p.add_argument(
+        "--wgrad",
+        type=float,
+        default=None,
+        help="weight-gradient part of the backward, for zb-h1 (default bwd/2)",
+    )
+    p.add_argument(
+        "--comm", type=float, default=0.0, help="time to send one activation (default 0)"
+    )
     p.add_argument("--width", type=int, default=96, help="chart width in characters")
     p.add_argument("--png", help="write a Gantt chart PNG here")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON here")
@@ -47,8 +62,9 @@ def _simulate_schedule(schedule, args: argparse.Namespace) -> Timeline:  # type:
     v = schedule.chunks
     # --fwd/--bwd describe one worker's whole share of the model; a chunk is 1/v of it
     wgrad = None if args.wgrad is None else args.wgrad / v
-    costs = Costs.uniform(schedule.num_stages, args.fwd / v, args.bwd / v, wgrad,
-                          comm_latency=args.comm)
+    costs = Costs.uniform(
+        schedule.num_stages, args.fwd / v, args.bwd / v, wgrad, comm_latency=args.comm
+    )
     tl = simulate(schedule, costs)
     tl.meta["chunks"] = v
     return tl
@@ -67,24 +83,36 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Print the Gantt chart and metrics of one schedule, or a comparison of all."""
     ideal = args.microbatches * (args.fwd + args.bwd)
     if args.compare:
-        names = [n for n in SCHEDULE_NAMES
-                 if n != "interleaved-1f1b" or args.microbatches % args.workers == 0]
+        names = [
+            n
+            for n in SCHEDULE_NAMES
+            if n != "interleaved-1f1b" or args.microbatches % args.workers == 0
+        ]
         rows = [_metrics(_simulate_one(n, args), ideal) for n in names]
         if args.json:
-            print(json.dumps({"workers": args.workers, "microbatches": args.microbatches,
-                              "schedules": rows}))
+            print(
+                json.dumps(
+                    {"workers": args.workers, "microbatches": args.microbatches, "schedules": rows}
+                )
+            )
             return 0
-        print(f"{args.workers} workers, {args.microbatches} micro-batches, F={args.fwd:g} "
-              f"B={args.bwd:g}; ideal step {ideal:g}")
-        print(f"{'schedule':<18}{'step':>8}{'x ideal':>9}{'bubble':>9}{'worst idle':>12}"
-              f"{'peak act.':>11}")
+        print(
+            f"{args.workers} workers, {args.microbatches} micro-batches, F={args.fwd:g} "
+            f"B={args.bwd:g}; ideal step {ideal:g}"
+        )
+        print(
+            f"{'schedule':<18}{'step':>8}{'x ideal':>9}{'bubble':>9}{'worst idle':>12}"
+            f"{'peak act.':>11}"
+        )
         for r in rows:
             workers = r["workers"]
             assert isinstance(workers, list)
-            print(f"{r['schedule']:<18}{r['makespan']:>8.3g}{r['slowdown']:>9.3f}"
-                  f"{100 * r['bubble_fraction']:>8.1f}%"  # type: ignore[operator]
-                  f"{100 * max(w['idle_fraction'] for w in workers):>11.1f}%"
-                  f"{max(w['peak_inflight'] for w in workers):>11}")
+            print(
+                f"{r['schedule']:<18}{r['makespan']:>8.3g}{r['slowdown']:>9.3f}"
+                f"{100 * r['bubble_fraction']:>8.1f}%"  # type: ignore[operator]
+                f"{100 * max(w['idle_fraction'] for w in workers):>11.1f}%"
+                f"{max(w['peak_inflight'] for w in workers):>11}"
+            )
         if args.microbatches % args.workers:
             print("(interleaved-1f1b left out: micro-batches must be a multiple of workers)")
         return 0
@@ -105,13 +133,24 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m))
         return 0
-    print(render_ascii(tl, args.width, title=(
-        f"{tl.meta['schedule']}: {args.workers} workers, {tl.meta['microbatches']} micro-batches "
-        f"(F=forward, B=backward, I/W=input/weight gradient, '.'=idle)")))
-    print(f"step {tl.makespan():.4g} = {m['slowdown']:.3f} x ideal ({ideal:g}); "
-          f"bubble {100 * tl.bubble_fraction():.1f}% of worker time")
-    print("peak in-flight activations per worker: "
-          + " ".join(str(tl.peak_inflight(w)) for w in range(tl.num_workers)))
+    print(
+        render_ascii(
+            tl,
+            args.width,
+            title=(
+                f"{tl.meta['schedule']}: {args.workers} workers, {tl.meta['microbatches']} micro-batches "
+                f"(F=forward, B=backward, I/W=input/weight gradient, '.'=idle)"
+            ),
+        )
+    )
+    print(
+        f"step {tl.makespan():.4g} = {m['slowdown']:.3f} x ideal ({ideal:g}); "
+        f"bubble {100 * tl.bubble_fraction():.1f}% of worker time"
+    )
+    print(
+        "peak in-flight activations per worker: "
+        + " ".join(str(tl.peak_inflight(w)) for w in range(tl.num_workers))
+    )
     for path in (args.png, args.trace):
         if path:
             print(f"wrote {path}")

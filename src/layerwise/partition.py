@@ -63,7 +63,9 @@ class Partition:
         return [math.fsum(costs[r.start : r.stop]) for r in self.ranges]
 
     def __str__(self) -> str:
-        return " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in self.ranges)
+        return " | ".join(
+            f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in self.ranges
+        )
 
     @staticmethod
     def from_sizes(sizes: Sequence[int], num_layers: int | None = None) -> Partition:
@@ -90,7 +92,9 @@ class Partition:
         return Partition(tuple(range(a, b) for a, b in zip(points, points[1:], strict=False)))
 
     @staticmethod
-    def from_assignment(assignment: Sequence[Sequence[int]], num_layers: int | None = None) -> Partition:
+    def from_assignment(
+        assignment: Sequence[Sequence[int]], num_layers: int | None = None
+    ) -> Partition:
         """Build from the layer indices of each stage, refusing non-contiguous groups.
 
         ``[[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]`` is refused: that is not layer-wise.
@@ -112,7 +116,9 @@ class Partition:
         if [r.start for r in ranges] != [min(g) for g in assignment]:
             raise PartitionError("stages must hold layers in order: stage s+1 after stage s")
         if num_layers is not None and part.num_layers != num_layers:
-            raise PartitionError(f"assignment covers {part.num_layers} layers, model has {num_layers}")
+            raise PartitionError(
+                f"assignment covers {part.num_layers} layers, model has {num_layers}"
+            )
         return part
 
 
@@ -165,8 +171,10 @@ def partition(costs: Sequence[float], num_stages: int) -> Partition:
             candidates = [keys[c] for c in (pos - 1, pos) if 0 <= c < len(keys)]
             i_best = min(
                 candidates,
-                key=lambda i: (max(prev[i], prefix[j] - prefix[i]),
-                               abs(prev[i] - (prefix[j] - prefix[i]))),
+                key=lambda i: (
+                    max(prev[i], prefix[j] - prefix[i]),
+                    abs(prev[i] - (prefix[j] - prefix[i])),
+                ),
             )
             row[j] = max(prev[i_best], prefix[j] - prefix[i_best])
             cut[k][j] = i_best

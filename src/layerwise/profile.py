@@ -33,7 +33,9 @@ def build_layer(spec: LayerSpec) -> nn.Module:
         if not isinstance(module, nn.Module):
             raise TypeError(f"layer factory returned {type(module).__name__}, expected nn.Module")
         return module
-    raise TypeError(f"a layer must be an nn.Module or a zero-argument factory, got {type(spec).__name__}")
+    raise TypeError(
+        f"a layer must be an nn.Module or a zero-argument factory, got {type(spec).__name__}"
+    )
 
 
 def is_meta(module: nn.Module) -> bool:
@@ -108,7 +110,9 @@ def call_layer(module: nn.Module, value: Any) -> Any:
     return module(value)
 
 
-def profile_layers(layers: Sequence[LayerSpec], sample: Any, repeats: int = 3) -> list[LayerProfile]:
+def profile_layers(
+    layers: Sequence[LayerSpec], sample: Any, repeats: int = 3
+) -> list[LayerProfile]:
     """Measure each layer on a copy, feeding each layer the previous layer's output.
 
     Times are the median of ``repeats`` runs after one warm-up; backward time is that of a
@@ -118,7 +122,9 @@ def profile_layers(layers: Sequence[LayerSpec], sample: Any, repeats: int = 3) -
     value = _detach(sample)
     for spec in layers:
         original = build_layer(spec)
-        module = materialize(copy.deepcopy(original)) if is_meta(original) else copy.deepcopy(original)
+        module = (
+            materialize(copy.deepcopy(original)) if is_meta(original) else copy.deepcopy(original)
+        )
         fwd: list[float] = []
         bwd: list[float] = []
         out: Any = None
@@ -135,13 +141,15 @@ def profile_layers(layers: Sequence[LayerSpec], sample: Any, repeats: int = 3) -
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
         params = list(module.parameters())
-        profiles.append(LayerProfile(
-            params=sum(p.numel() for p in params),
-            param_bytes=sum(p.numel() * p.element_size() for p in params),
-            activation_bytes=_nbytes(out),
-            forward_s=sorted(fwd[1:])[len(fwd[1:]) // 2],
-            backward_s=sorted(bwd[1:])[len(bwd[1:]) // 2],
-        ))
+        profiles.append(
+            LayerProfile(
+                params=sum(p.numel() for p in params),
+                param_bytes=sum(p.numel() * p.element_size() for p in params),
+                activation_bytes=_nbytes(out),
+                forward_s=sorted(fwd[1:])[len(fwd[1:]) // 2],
+                backward_s=sorted(bwd[1:])[len(bwd[1:]) // 2],
+            )
+        )
         value = _detach(out)
         del module
     return profiles

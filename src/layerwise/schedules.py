@@ -114,7 +114,9 @@ def _check_sizes(num_workers: int, num_microbatches: int, chunks: int = 1) -> No
         raise ValueError(f"chunks (stages per worker) must be >= 1, got {chunks}")
 
 
-def _plain(name: str, num_workers: int, num_microbatches: int, lists: list[list[Action]]) -> Schedule:
+def _plain(
+    name: str, num_workers: int, num_microbatches: int, lists: list[list[Action]]
+) -> Schedule:
     return Schedule(
         name=name,
         num_microbatches=num_microbatches,
@@ -143,8 +145,8 @@ def naive(num_workers: int, num_microbatches: int = 1) -> Schedule:
 def gpipe(num_workers: int, num_microbatches: int) -> Schedule:
     """GPipe (Huang et al. 2019): all forwards, then all backwards. Holds m activations::
 
-        w0  F0 F1 F2 F3 .. .. .. .. .. .. B0 B1 B2 B3
-        w1  .. F0 F1 F2 F3 .. .. .. .. B0 B1 B2 B3 ..
+    w0  F0 F1 F2 F3 .. .. .. .. .. .. B0 B1 B2 B3
+    w1  .. F0 F1 F2 F3 .. .. .. .. B0 B1 B2 B3 ..
     """
     _check_sizes(num_workers, num_microbatches)
     lists = [
@@ -341,7 +343,9 @@ def _check_structure(schedule: Schedule) -> None:
     for w, acts in enumerate(schedule.actions):
         for pos, a in enumerate(acts):
             if not 0 <= a.stage < num_stages:
-                raise _fail(w, pos, a, f"stage {a.stage} does not exist (stages 0..{num_stages - 1})")
+                raise _fail(
+                    w, pos, a, f"stage {a.stage} does not exist (stages 0..{num_stages - 1})"
+                )
             if not 0 <= a.microbatch < m:
                 raise _fail(w, pos, a, f"micro-batch {a.microbatch} does not exist (0..{m - 1})")
             if schedule.stage_worker[a.stage] != w:
@@ -349,7 +353,9 @@ def _check_structure(schedule: Schedule) -> None:
                     w, pos, a, f"stage {a.stage} lives on worker {schedule.stage_worker[a.stage]}"
                 )
             if a in seen:
-                raise _fail(w, pos, a, f"{a.describe()} appears twice (also at position {seen[a][1]})")
+                raise _fail(
+                    w, pos, a, f"{a.describe()} appears twice (also at position {seen[a][1]})"
+                )
             seen[a] = (w, pos)
             if a.kind == "W" and Action(a.stage, "I", a.microbatch) not in seen:
                 raise _fail(w, pos, a, "weight gradient W comes before its input gradient I")
@@ -358,14 +364,24 @@ def _check_structure(schedule: Schedule) -> None:
         for mb in range(m):
             has = {k: Action(s, k, mb) in seen for k in KINDS}
             if not has["F"]:
-                raise _fail(w, len(schedule.actions[w]), None, f"{Action(s, 'F', mb).describe()} is missing")
+                raise _fail(
+                    w, len(schedule.actions[w]), None, f"{Action(s, 'F', mb).describe()} is missing"
+                )
             if has["B"] and (has["I"] or has["W"]):
-                raise _fail(w, seen[Action(s, "B", mb)][1], Action(s, "B", mb),
-                            "a micro-batch's backward is either one B or an I and a W, not both")
+                raise _fail(
+                    w,
+                    seen[Action(s, "B", mb)][1],
+                    Action(s, "B", mb),
+                    "a micro-batch's backward is either one B or an I and a W, not both",
+                )
             if not has["B"] and not (has["I"] and has["W"]):
                 missing = "B" if not (has["I"] or has["W"]) else ("W" if has["I"] else "I")
-                raise _fail(w, len(schedule.actions[w]), None,
-                            f"{Action(s, missing, mb).describe()} is missing")  # type: ignore[arg-type]
+                raise _fail(
+                    w,
+                    len(schedule.actions[w]),
+                    None,
+                    f"{Action(s, missing, mb).describe()} is missing",
+                )  # type: ignore[arg-type]
         split = {Action(s, "I", mb) in seen for mb in range(m)}
         if len(split) > 1:
             raise _fail(w, 0, None, f"stage {s} mixes B and I/W backwards across micro-batches")
@@ -442,7 +458,9 @@ def to_text(schedule: Schedule) -> str:
     return "\n".join([header, *rows]) + "\n"
 
 
-def _build(name: str, rows: Sequence[Sequence[Action]], m: int | None, placement: Sequence[int] | None) -> Schedule:
+def _build(
+    name: str, rows: Sequence[Sequence[Action]], m: int | None, placement: Sequence[int] | None
+) -> Schedule:
     all_actions = [a for row in rows for a in row]
     if not all_actions:
         raise ScheduleError("schedule is empty")
@@ -451,7 +469,9 @@ def _build(name: str, rows: Sequence[Sequence[Action]], m: int | None, placement
         for w, row in enumerate(rows):
             for pos, a in enumerate(row):
                 if owner.setdefault(a.stage, w) != w:
-                    raise _fail(w, pos, a, f"stage {a.stage} already appears on worker {owner[a.stage]}")
+                    raise _fail(
+                        w, pos, a, f"stage {a.stage} already appears on worker {owner[a.stage]}"
+                    )
         missing = sorted(set(range(max(owner) + 1)) - set(owner))
         if missing:
             raise ScheduleError(f"stages {missing} appear on no worker")

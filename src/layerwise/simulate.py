@@ -17,7 +17,9 @@ from layerwise.timeline import Event, Timeline
 
 
 def _per_stage(value: float | Sequence[float], num_stages: int, name: str) -> tuple[float, ...]:
-    values = (float(value),) * num_stages if isinstance(value, int | float) else tuple(map(float, value))
+    values = (
+        (float(value),) * num_stages if isinstance(value, int | float) else tuple(map(float, value))
+    )
     if len(values) != num_stages:
         raise ValueError(f"{name} has {len(values)} entries, expected one per stage ({num_stages})")
     for s, v in enumerate(values):
@@ -69,8 +71,15 @@ class Costs:
             wg = tuple(max(0.0, b - i) for b, i in zip(bwd, ig, strict=True))
         if comm_latency < 0 or not comm_bandwidth > 0:
             raise ValueError("comm_latency must be >= 0 and comm_bandwidth > 0")
-        return Costs(fwd, bwd, ig, wg, _per_stage(activation_bytes, n, "activation_bytes"),
-                     float(comm_latency), float(comm_bandwidth))
+        return Costs(
+            fwd,
+            bwd,
+            ig,
+            wg,
+            _per_stage(activation_bytes, n, "activation_bytes"),
+            float(comm_latency),
+            float(comm_bandwidth),
+        )
 
     @staticmethod
     def uniform(
@@ -84,8 +93,15 @@ class Costs:
     ) -> Costs:
         """Return identical costs for every stage; W defaults to half of B."""
         wg = None if weight_grad is None else [weight_grad] * num_stages
-        return Costs.per_stage([forward] * num_stages, [backward] * num_stages, None, wg,
-                               activation_bytes, comm_latency, comm_bandwidth)
+        return Costs.per_stage(
+            [forward] * num_stages,
+            [backward] * num_stages,
+            None,
+            wg,
+            activation_bytes,
+            comm_latency,
+            comm_bandwidth,
+        )
 
     @property
     def num_stages(self) -> int:
@@ -132,6 +148,9 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
         num_workers=schedule.num_workers,
         events=events,
         source="simulated",
-        meta={"schedule": schedule.name, "microbatches": schedule.num_microbatches,
-              "stages": schedule.num_stages},
+        meta={
+            "schedule": schedule.name,
+            "microbatches": schedule.num_microbatches,
+            "stages": schedule.num_stages,
+        },
     )

@@ -63,7 +63,9 @@ class Timeline:
 
     def busy(self, worker: int) -> float:
         """Return the time ``worker`` spent computing (F, B, I, W)."""
-        return sum(e.duration for e in self.events if e.worker == worker and e.kind in COMPUTE_KINDS)
+        return sum(
+            e.duration for e in self.events if e.worker == worker and e.kind in COMPUTE_KINDS
+        )
 
     def comm_wait(self, worker: int) -> float:
         """Return the time ``worker`` was recorded blocked on a peer (measured timelines)."""
@@ -215,17 +217,27 @@ def render_png(
                 continue
             ax.broken_barh([(e.start - t0, e.duration)], (e.worker - 0.4, 0.8), color=color)
             if e.kind in COMPUTE_KINDS and e.duration > tl.makespan() / 60:
-                ax.text(e.start - t0 + e.duration / 2, e.worker, str(e.microbatch),
-                        ha="center", va="center", fontsize=6, color="white")
+                ax.text(
+                    e.start - t0 + e.duration / 2,
+                    e.worker,
+                    str(e.microbatch),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
         ax.set_yticks(range(tl.num_workers))
-        ax.set_yticklabels([
-            f"worker {w}\nidle {100 * tl.idle_fraction(w):.0f}%" for w in range(tl.num_workers)
-        ], fontsize=7)
+        ax.set_yticklabels(
+            [f"worker {w}\nidle {100 * tl.idle_fraction(w):.0f}%" for w in range(tl.num_workers)],
+            fontsize=7,
+        )
         ax.invert_yaxis()
         ax.set_xlim(0, tl.makespan() or 1.0)
         label = titles[i] if titles else tl.source
-        ax.set_title(f"{label}: step {tl.makespan():.4g}, bubble {100 * tl.bubble_fraction():.1f}%",
-                     fontsize=9)
+        ax.set_title(
+            f"{label}: step {tl.makespan():.4g}, bubble {100 * tl.bubble_fraction():.1f}%",
+            fontsize=9,
+        )
     axes[-1][0].set_xlabel("time (s)" if any(t.source == "measured" for t in timelines) else "time")
     handles = [Patch(color=c, label=k) for k, c in _COLORS.items()]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7)
@@ -243,20 +255,29 @@ def chrome_trace(timelines: Iterable[Timeline]) -> dict[str, Any]:
     for pid, tl in enumerate(timelines):
         events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": tl.source}})
         for w in range(tl.num_workers):
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": w,
-                           "args": {"name": f"worker {w}"}})
+            events.append(
+                {
+                    "name": "thread_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": w,
+                    "args": {"name": f"worker {w}"},
+                }
+            )
         t0 = tl.start()
         for e in tl.events:
-            events.append({
-                "name": e.label if e.kind in COMPUTE_KINDS else e.kind,
-                "cat": e.kind,
-                "ph": "X",
-                "pid": pid,
-                "tid": e.worker,
-                "ts": (e.start - t0) * 1e6,
-                "dur": e.duration * 1e6,
-                "args": {"stage": e.stage, "microbatch": e.microbatch},
-            })
+            events.append(
+                {
+                    "name": e.label if e.kind in COMPUTE_KINDS else e.kind,
+                    "cat": e.kind,
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": e.worker,
+                    "ts": (e.start - t0) * 1e6,
+                    "dur": e.duration * 1e6,
+                    "args": {"stage": e.stage, "microbatch": e.microbatch},
+                }
+            )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

@@ -20,6 +20,10 @@ def schedule_name(schedule: str, vpp: int) -> str:
     return "interleaved-1f1b" if vpp > 1 else schedule
 
 
+# Steps with more than this many micro-batches per worker are extrapolated (see below).
+EXTRAPOLATE_ABOVE = 2
+
+
 @lru_cache(maxsize=256)
 def _schedule(schedule: str, p: int, m: int, v: int) -> Schedule:
     """Returns the generated (and validated) schedule; many cost ratios share one."""
@@ -35,6 +39,16 @@ def _simulate_units(
     Every chunk costs forward 1 and backward ``backward_ratio``; the last chunk (on the
     last worker) also runs the output layer, ``head_units`` forward and twice that backward.
     """
+    # Busy time summed over workers: every stage runs every micro-batch once.
+    busy = m * (p * v * (1 + backward_ratio) + 3 * head_units)
+    if m > EXTRAPOLATE_ABOVE * p:
+        # Past the warm-up the schedule repeats every p micro-batches, so the makespan grows
+        # linearly in m: take the slope from two simulated steps (p and 2p micro-batches).
+        # tests/test_planner_search.py checks this against full simulations.
+        short, longer = (_simulate_units(schedule, p, k * p, v, backward_ratio, head_units)
+                         for k in (1, 2))  # fmt: skip
+        makespan = longer[0] + (m - 2 * p) * (longer[0] - short[0]) / p
+        return makespan, 1.0 - busy / (p * makespan)
     sched = _schedule(schedule, p, m, v)
     n = sched.num_stages
     forward = [1.0] * n
@@ -56,11 +70,11 @@ def pipeline_time(
     if p == 1:
         # No pipeline: micro-batches run back to back (gradient accumulation), no bubble.
         return m * (v * (chunk_forward + chunk_backward) + 3 * head), 0.0
-    # Rounding the ratios (5 % steps for backward/forward, 25 % for the output layer, which
+    # Rounding the ratios (5 % steps for backward/forward, 10 % for the output layer, which
     # only the last worker runs) keeps the cache small; rescaling by the exact work per
     # micro-batch removes most of the rounding error.
     ratio = _round(chunk_backward / chunk_forward, 0.05)
-    head_units = _round(head / chunk_forward, 0.25)
+    head_units = _round(head / chunk_forward, 0.1)
     units, bubble = _simulate_units(schedule, p, m, v, ratio, head_units)
     exact = 1 + chunk_backward / chunk_forward + 3 * head / chunk_forward / v
     rounded = 1 + ratio + 3 * head_units / v

@@ -6,8 +6,16 @@ from dataclasses import replace
 
 from layerwise.planner.evaluate import Evaluation
 from layerwise.planner.memory import Memory, memory
-from layerwise.planner.search import Fixed, PlanResult, enumerate_layouts
-from layerwise.planner.specs import GPU_PRESETS, ClusterSpec, Layout, ModelSpec, TrainSpec
+from layerwise.planner.search import Fixed, PlanResult, enumerate_layouts, plan
+from layerwise.planner.specs import (
+    GPU_PRESETS,
+    RECOMPUTE,
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    PlanError,
+    TrainSpec,
+)
 
 
 def components(ev: Evaluation) -> dict[str, float]:
@@ -55,7 +63,9 @@ def memory_reason(mem: Memory, limit: float) -> str:
     )
 
 
-def why_winner(result: PlanResult, cluster: ClusterSpec) -> list[str]:
+def why_winner(
+    result: PlanResult, model: ModelSpec, cluster: ClusterSpec, train: TrainSpec
+) -> list[str]:
     """Returns short sentences explaining the winner against the alternatives."""
     if not result.ranked:
         return []
@@ -73,12 +83,12 @@ def why_winner(result: PlanResult, cluster: ClusterSpec) -> list[str]:
         )
     else:
         lines.append("no pipeline: the model fits without one, so there is no bubble.")
-    lighter = [
-        alt for alt in result.alternatives
-        if _rank(alt.layout.recompute) < _rank(lay.recompute)
-    ]  # fmt: skip
-    if lay.recompute != "none":
-        why = "less recomputation is slower here" if lighter else "less recomputation does not fit"
+    for lighter in RECOMPUTE[: RECOMPUTE.index(lay.recompute)]:
+        mem = memory(model, train, replace(lay, recompute=lighter))
+        if mem.total > cluster.gpu.memory_gib:
+            why = f"with recompute={lighter} this layout needs {mem.total:.1f} GiB"
+        else:
+            why = f"recompute={lighter} fits but its best layout is slower"
         lines.append(f"recompute={lay.recompute}: {why}.")
     if lay.dp > 1:
         lines.append(
@@ -89,10 +99,6 @@ def why_winner(result: PlanResult, cluster: ClusterSpec) -> list[str]:
         gap = result.ranked[1].step_time_s / win.step_time_s - 1
         lines.append(f"The runner-up ({result.ranked[1].layout.describe()}) is {gap:.1%} slower.")
     return lines
-
-
-def _rank(recompute: str) -> int:
-    return {"none": 0, "selective": 1, "full": 2}[recompute]
 
 
 def rejected_for_memory(result: PlanResult, limit: float, count: int = 4) -> list[str]:
@@ -130,11 +136,17 @@ def suggestions(
     limit = cluster.gpu.memory_gib
 
     def found(text: str, m: ModelSpec, c: ClusterSpec, f: Fixed) -> bool:
-        best = _least_memory(m, c, train, f)
-        if best and best[1].total <= c.gpu.memory_gib:
-            out.append(f"{text}: {best[0].describe()} needs {best[1].total:.1f} GiB")
-            return True
-        return False
+        try:
+            ranked = plan(m, c, train, f, top=1).ranked
+        except PlanError:
+            return False
+        if ranked:
+            ev = ranked[0]
+            out.append(
+                f"{text}: {ev.layout.describe()} needs {ev.memory.total:.1f} GiB, "
+                f"{ev.step_time_s:.2f} s/step"
+            )
+        return bool(ranked)
 
     least = _least_memory(model, cluster, train, fixed)
     if least:

@@ -24,13 +24,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, backend: str, timeout_s: float,
-           fn: Callable[..., Any], args: tuple[Any, ...], queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _entry(
+    rank: int,
+    world: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    queue: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
         result = fn(rank, world, *args)
         queue.put((rank, True, result))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
@@ -45,18 +59,29 @@ class WorkerError(RuntimeError):
     """One or more workers raised; the message holds their tracebacks."""
 
 
-def run_workers(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo",
-                timeout_s: float = 120.0) -> list[Any]:
+def run_workers(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    allow_exit: bool = False,
+) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned processes; return results by rank.
 
     ``fn`` must be importable (defined at module level). Raises WorkerError with every
-    failing worker's traceback if any worker fails.
+    failing worker's traceback if any worker fails; with ``allow_exit``, a worker that died
+    without reporting gets ``None`` as its result instead (for tests that kill workers).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, backend, timeout_s, fn, args, queue),
-                         daemon=False) for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=_entry, args=(r, world, port, backend, timeout_s, fn, args, queue), daemon=False
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -72,7 +97,10 @@ def run_workers(fn: Callable[..., Any], world: int, *args: Any, backend: str = "
         (results if ok else failures)[rank] = value
     missing = [r for r in range(world) if r not in results and r not in failures]
     for r in missing:
-        failures[r] = f"exited with code {procs[r].exitcode} without a result"
+        if allow_exit:
+            results[r] = None
+        else:
+            failures[r] = f"exited with code {procs[r].exitcode} without a result"
     if failures:
         raise WorkerError("\n".join(f"--- worker {r} ---\n{failures[r]}" for r in sorted(failures)))
     return [results[r] for r in range(world)]

@@ -38,12 +38,16 @@ def _split(value: Any, m: int) -> list[Any]:
         raise ValueError(f"a batch of {rows} rows cannot be cut into {m} micro-batches")
     for t in tensors:
         if t.shape[0] != rows:
-            raise ValueError(f"all tensors of a batch need the same first dimension ({rows}), got {tuple(t.shape)}")
+            raise ValueError(
+                f"all tensors of a batch need the same first dimension ({rows}), got {tuple(t.shape)}"
+            )
     pieces = [torch.tensor_split(t, m) for t in tensors]
     return [map_tensors(value, _indexer(pieces, i)) for i in range(m)]
 
 
-def _indexer(pieces: list[tuple[torch.Tensor, ...]], i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _indexer(
+    pieces: list[tuple[torch.Tensor, ...]], i: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     it: Iterator[tuple[torch.Tensor, ...]] = iter(pieces)
     return lambda _t: next(it)[i]
 
@@ -77,7 +81,9 @@ class Pipeline:
         seed: int = 0,
         sample: Any = None,
     ) -> None:
-        specs: list[LayerSpec] = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        specs: list[LayerSpec] = (
+            list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        )
         if not specs:
             raise ValueError("a pipeline needs at least one layer")
         if checkpoint not in CHECKPOINT_MODES:
@@ -94,15 +100,24 @@ class Pipeline:
         self.stages: dict[int, Stage] = {
             s: self._build_stage(s, specs, seed) for s in self.schedule.stages_of(self.worker)
         }
-        self.transport = Transport(self.worker, self.num_workers, group, self.device, timeout,
-                                   self.schedule.num_stages, on_wait=self._record_wait)
+        self.transport = Transport(
+            self.worker,
+            self.num_workers,
+            group,
+            self.device,
+            timeout,
+            self.schedule.num_stages,
+            on_wait=self._record_wait,
+        )
         self._events: list[Event] = []
         self._last_timeline: Timeline | None = None
         self._tie_groups = self._setup_ties(tied, distributed)
 
     # -- construction -------------------------------------------------------------------------
 
-    def _make_schedule(self, schedule: str | Schedule, microbatches: int, chunks: int | None) -> Schedule:
+    def _make_schedule(
+        self, schedule: str | Schedule, microbatches: int, chunks: int | None
+    ) -> Schedule:
         if isinstance(schedule, Schedule):
             validate(schedule)
             if schedule.num_workers != self.num_workers:
@@ -139,21 +154,39 @@ class Pipeline:
             built.append(module.to(self.device))
         return Stage(s, r.start, built)
 
-    def _setup_ties(self, tied: Sequence[TiedSpec], distributed: bool) -> list[tuple[list[nn.Parameter], Any]]:
+    def _setup_ties(
+        self, tied: Sequence[TiedSpec], distributed: bool
+    ) -> list[tuple[list[nn.Parameter], Any]]:
         """Share tied parameters; return (local copies, process group) per tie across workers."""
         groups = []
         for layer_a, name_a, layer_b, name_b in tied:
-            holders = sorted({self.schedule.stage_worker[self.partition.stage_of(x)] for x in (layer_a, layer_b)})
-            local = [self._param(layer, name) for layer, name in ((layer_a, name_a), (layer_b, name_b))]
+            holders = sorted(
+                {self.schedule.stage_worker[self.partition.stage_of(x)] for x in (layer_a, layer_b)}
+            )
+            local = [
+                self._param(layer, name) for layer, name in ((layer_a, name_a), (layer_b, name_b))
+            ]
             found = [p for p in local if p is not None]
             if len(holders) == 1:
                 if len(found) == 2:  # same worker: one Parameter object serves both layers
                     self._set_param(layer_b, name_b, found[0])
                 continue
-            pg = dist.new_group([dist.get_global_rank(self.group, w) if self.group else w for w in holders]) if distributed else None
+            pg = (
+                dist.new_group(
+                    [dist.get_global_rank(self.group, w) if self.group else w for w in holders]
+                )
+                if distributed
+                else None
+            )
             if found:
                 with torch.no_grad():  # start identical: the lowest worker's copy wins
-                    dist.broadcast(found[0].data, src=dist.get_global_rank(self.group, holders[0]) if self.group else holders[0], group=pg)
+                    dist.broadcast(
+                        found[0].data,
+                        src=dist.get_global_rank(self.group, holders[0])
+                        if self.group
+                        else holders[0],
+                        group=pg,
+                    )
                 groups.append((found, pg))
         return groups
 
@@ -240,9 +273,13 @@ class Pipeline:
         """
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss_fn")
-        return self._run(inputs, targets, train=True)
+        try:
+            return self._run(inputs, targets)
+        except StageError as err:
+            self.transport.report_failure(str(err))
+            raise
 
-    def _run(self, inputs: Any, targets: Any, train: bool) -> float:
+    def _run(self, inputs: Any, targets: Any) -> float:
         sched = self.schedule
         m = sched.num_microbatches
         plan = self._broadcast_plan(inputs, m)
@@ -256,7 +293,9 @@ class Pipeline:
             mb_targets = _split(targets, m)
             got = [flatten(t)[0][0].shape[0] for t in mb_targets]
             if got != rows:
-                raise ValueError(f"targets split into micro-batches of {got} rows, inputs into {rows}")
+                raise ValueError(
+                    f"targets split into micro-batches of {got} rows, inputs into {rows}"
+                )
         self._events = []
         losses: dict[int, torch.Tensor] = {}
         local: dict[tuple[int, str, int], Any] = {}  # hand-offs between stages on this worker
@@ -307,8 +346,15 @@ class Pipeline:
                 else:
                     x = local.pop((s - 1, "F", mb))
                 t0 = time.perf_counter()
-                ckpt = self.checkpoint == "always" or (self.checkpoint == "except_last" and mb < m - 1)
-                out, loss = stage.forward_step(mb, x, head_for(s, mb), ckpt, capture=sched.splits_backward(s))
+                ckpt = self.checkpoint == "always" or (
+                    self.checkpoint == "except_last" and mb < m - 1
+                )
+                try:
+                    out, loss = stage.forward_step(
+                        mb, x, head_for(s, mb), ckpt, capture=sched.splits_backward(s)
+                    )
+                except (RuntimeError, ValueError, TypeError) as err:
+                    raise StageError(_describe_failure(stage, mb, x, s, err)) from err
                 t1 = time.perf_counter()
                 if loss is not None:
                     losses[mb] = loss.detach()
@@ -318,7 +364,9 @@ class Pipeline:
                         local[(s, "F", mb)] = out
                     else:
                         sent = self.transport.send_activation(out, s, mb, peer, plan[mb][1])
-                        sent_outputs[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
+                        sent_outputs[(s, mb)] = [
+                            TensorMeta.of(t) for t in sent if t.is_floating_point()
+                        ]
                         _free_sent(out)
                 self._events.append(Event(self.worker, t0, t1, "F", s, mb))
             elif a.kind in ("B", "I"):
@@ -365,7 +413,11 @@ class Pipeline:
             value[0] = float(sum(v.double() for v in losses.values()))
         if self.num_workers > 1:
             src = self.schedule.stage_worker[-1]
-            dist.broadcast(value, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+            dist.broadcast(
+                value,
+                src=dist.get_global_rank(self.group, src) if self.group else src,
+                group=self.group,
+            )
         return float(value.item())
 
     # -- inference ----------------------------------------------------------------------------
@@ -389,7 +441,9 @@ class Pipeline:
                 x = local.pop((s - 1, mb))
             else:
                 peer = sched.stage_worker[s - 1]
-                x = self.transport.complete(self.transport.post_activation(s - 1, mb, peer, plan[mb][1]))
+                x = self.transport.complete(
+                    self.transport.post_activation(s - 1, mb, peer, plan[mb][1])
+                )
             out = self.stages[s].run(x)
             if s == sched.num_stages - 1:
                 outputs[mb] = out
@@ -422,10 +476,30 @@ class Pipeline:
         if self.num_workers > 1:
             gathered = [None] * self.num_workers
             dist.all_gather_object(gathered, events, group=self.group)
-        tl = Timeline(self.num_workers, [e for evs in gathered for e in evs], "measured",
-                      {"schedule": self.schedule.name, "microbatches": self.schedule.num_microbatches,
-                       "stages": self.schedule.num_stages})
+        tl = Timeline(
+            self.num_workers,
+            [e for evs in gathered for e in evs],
+            "measured",
+            {
+                "schedule": self.schedule.name,
+                "microbatches": self.schedule.num_microbatches,
+                "stages": self.schedule.num_stages,
+            },
+        )
         return tl.shifted()
+
+
+class StageError(RuntimeError):
+    """A stage's own computation failed; the message names the stage and its input."""
+
+
+def _describe_failure(stage: Stage, mb: int, x: Any, s: int, err: Exception) -> str:
+    inputs = ", ".join(TensorMeta.of(t).describe() for t in flatten(x)[0])
+    source = "the batch" if s == 0 else f"stage {s - 1}"
+    return (
+        f"{stage.describe()} failed on micro-batch {mb}, whose input from {source} is "
+        f"[{inputs}]: {type(err).__name__}: {err}"
+    )
 
 
 def _free_sent(out: Any) -> None:
@@ -437,5 +511,3 @@ def _free_sent(out: Any) -> None:
         if fn is None or t._base is not None or hasattr(fn, "_saved_result"):
             continue
         t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
-

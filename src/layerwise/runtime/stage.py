@@ -44,7 +44,7 @@ def _prepare_inputs(value: Any) -> Any:
 
 
 def _run_backward(
-    roots: list[torch.Tensor], grads: list[torch.Tensor] | None, inputs: list[torch.Tensor], keep: bool
+    roots: list[torch.Tensor], grads: list[torch.Tensor] | None, inputs: list[Any], keep: bool
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward from ``roots``; return the gradients of ``inputs`` without accumulating them
     (or accumulate into leaves when ``inputs`` is empty). Uses the engine directly because the
@@ -108,8 +108,9 @@ class Stage(nn.Module):
             stash.loss = head(stash.output)
         return stash
 
-    def forward_step(self, mb: int, value: Any, head: LossHead | None, checkpoint: bool,
-                     capture: bool) -> tuple[Any, torch.Tensor | None]:
+    def forward_step(
+        self, mb: int, value: Any, head: LossHead | None, checkpoint: bool, capture: bool
+    ) -> tuple[Any, torch.Tensor | None]:
         """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward."""
         inputs = _prepare_inputs(value)
         if checkpoint:
@@ -132,7 +133,9 @@ class Stage(nn.Module):
             self.stash[mb] = stash
         return stash
 
-    def _roots(self, stash: Stash, grads: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def _roots(
+        self, stash: Stash, grads: list[torch.Tensor] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if stash.loss is not None:
             return [stash.loss], None
         # every floating-point tensor passed on gets a gradient back (zeros if unused)
@@ -151,7 +154,9 @@ class Stage(nn.Module):
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
-    def backward_step(self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None) -> list[torch.Tensor]:
+    def backward_step(
+        self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None
+    ) -> list[torch.Tensor]:
         """Full backward of ``mb``; accumulate parameter grads; return the input gradients."""
         stash = self._materialize(mb, head, capture=False)
         roots, grads = self._roots(stash, grads)
@@ -160,16 +165,21 @@ class Stage(nn.Module):
         del self.stash[mb]
         return [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
-    def input_grad_step(self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None) -> list[torch.Tensor]:
+    def input_grad_step(
+        self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None
+    ) -> list[torch.Tensor]:
         """I: gradients of the inputs (returned) and of every module output (kept for W)."""
         stash = self._materialize(mb, head, capture=True)
         roots, grads = self._roots(stash, grads)
         leaves = _grad_leaves(stash.inputs)
         captured = [t for _, outs in stash.captures for t in outs]
         result = _run_backward(roots, grads, leaves + captured, keep=True)
-        stash.capture_grads = list(result[len(leaves):])
+        stash.capture_grads = list(result[len(leaves) :])
         stash.output = stash.loss = None
-        return [g if g is not None else torch.zeros_like(t) for t, g in zip(leaves, result, strict=False)]
+        return [
+            g if g is not None else torch.zeros_like(t)
+            for t, g in zip(leaves, result, strict=False)
+        ]
 
     def weight_grad_step(self, mb: int) -> None:
         """W: parameter gradients from the output gradients that I kept; frees the stash."""
@@ -181,8 +191,8 @@ class Stage(nn.Module):
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not pairs or not params:
                 continue
-            got = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs],
-                                      retain_graph=True, allow_unused=True)
+            # outputs may have been freed after sending: go through the engine, not autograd.grad
+            got = _run_backward([o for o, _ in pairs], [g for _, g in pairs], params, keep=True)
             for p, g in zip(params, got, strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g

@@ -14,6 +14,7 @@ metadata: the receiver already holds the output they belong to.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +32,7 @@ class PeerError(RuntimeError):
 
 ACT, GRAD, META = 0, 1, 2
 MAX_TENSORS = 32
+FAILURE_KEY = "layerwise/first_failure"
 
 
 @dataclass
@@ -80,23 +82,40 @@ class Transport:
             raise ValueError(f"a stage may pass at most {MAX_TENSORS} tensors to the next one")
         return ((microbatch * self.num_stages + stage) * 3 + kind) * MAX_TENSORS + index
 
-    def _wait(self, work: Any, peer: int, what: str) -> None:
-        import time
+    def report_failure(self, message: str) -> str:
+        """Record the first failure of the job in the rendezvous store; return the first one.
 
+        A dead worker cannot say why it died, but its neighbour can, and every other worker
+        then sees a neighbour vanish. The store lets them all name the first loss.
+        """
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=5))
+            first = store.compare_set(FAILURE_KEY, "", message)
+            return bytes(first).decode() if first else message
+        except Exception:  # the store itself may be gone with the worker that hosted it
+            return message
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
         t0 = time.perf_counter()
         try:
             ok = work.wait(self.timeout)
         except RuntimeError as err:
             if "timed out" in str(err).lower():
-                raise PeerError(
+                message = (
                     f"worker {self.worker}: no {what} from worker {peer} (rank "
                     f"{self.global_rank(peer)}) within {self.timeout.total_seconds():g}s; "
                     f"is it alive and running the same schedule?"
-                ) from err
-            raise PeerError(
-                f"worker {self.worker} lost worker {peer} (rank {self.global_rank(peer)}) "
-                f"while waiting for {what}: {err}"
-            ) from err
+                )
+            else:
+                message = (
+                    f"worker {self.worker} lost worker {peer} (rank {self.global_rank(peer)}) "
+                    f"while waiting for {what}"
+                )
+            first = self.report_failure(message)
+            if first != message:
+                message += f". First failure in the job: {first}"
+            raise PeerError(f"{message} [{str(err).splitlines()[0][:200]}]") from err
         if ok is False:
             raise PeerError(
                 f"worker {self.worker}: no {what} from worker {peer} within "
@@ -113,7 +132,9 @@ class Transport:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def send_activation(self, value: Any, stage: int, microbatch: int, peer: int, signature: Any) -> list[torch.Tensor]:
+    def send_activation(
+        self, value: Any, stage: int, microbatch: int, peer: int, signature: Any
+    ) -> list[torch.Tensor]:
         """Send stage ``stage``'s output for ``microbatch`` to ``peer``; return the sent tensors."""
         tensors, spec = flatten(value)
         metas = [TensorMeta.of(t) for t in tensors]
@@ -139,7 +160,9 @@ class Transport:
             self.pending_sends.append((work, [t], peer, "activation"))
         return sent
 
-    def send_gradient(self, grads: list[torch.Tensor], stage: int, microbatch: int, peer: int) -> None:
+    def send_gradient(
+        self, grads: list[torch.Tensor], stage: int, microbatch: int, peer: int
+    ) -> None:
         """Send the input gradients of ``stage`` for ``microbatch`` back to ``peer``."""
         for i, g in enumerate(grads):
             g = g.contiguous()
@@ -158,7 +181,9 @@ class Transport:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def _recv_meta(self, stage: int, microbatch: int, peer: int, signature: Any) -> tuple[Any, list[TensorMeta]]:
+    def _recv_meta(
+        self, stage: int, microbatch: int, peer: int, signature: Any
+    ) -> tuple[Any, list[TensorMeta]]:
         key = (stage, signature)
         if key not in self.meta_cache:
             what = f"metadata of stage {stage}'s output"
@@ -173,18 +198,28 @@ class Transport:
         """Return True if the metadata of ``stage``'s output for these shapes is cached."""
         return (stage, signature) in self.meta_cache
 
-    def post_activation(self, stage: int, microbatch: int, peer: int, signature: Any) -> PendingRecv:
+    def post_activation(
+        self, stage: int, microbatch: int, peer: int, signature: Any
+    ) -> PendingRecv:
         """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
         spec, metas = self._recv_meta(stage, microbatch, peer, signature)
         buffers = [m.empty(self.device) for m in metas]
-        works = [self._irecv(b, peer, self._tag(stage, ACT, microbatch, i)) for i, b in enumerate(buffers)]
+        works = [
+            self._irecv(b, peer, self._tag(stage, ACT, microbatch, i))
+            for i, b in enumerate(buffers)
+        ]
         what = f"stage {stage}'s output for micro-batch {microbatch}"
         return PendingRecv(works, buffers, spec, peer, what)
 
-    def post_gradient(self, like: list[TensorMeta], stage: int, microbatch: int, peer: int) -> PendingRecv:
+    def post_gradient(
+        self, like: list[TensorMeta], stage: int, microbatch: int, peer: int
+    ) -> PendingRecv:
         """Post receives for the gradients of ``like`` (outputs of ``stage - 1``) from ``peer``."""
         buffers = [m.empty(self.device) for m in like]
-        works = [self._irecv(b, peer, self._tag(stage, GRAD, microbatch, i)) for i, b in enumerate(buffers)]
+        works = [
+            self._irecv(b, peer, self._tag(stage, GRAD, microbatch, i))
+            for i, b in enumerate(buffers)
+        ]
         what = f"stage {stage}'s input gradient for micro-batch {microbatch}"
         return PendingRecv(works, buffers, None, peer, what)
 

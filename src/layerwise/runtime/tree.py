@@ -10,15 +10,14 @@ import torch
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Shape, dtype and grad flag of one tensor: enough to allocate its receive buffer."""
+    """Shape and dtype of one tensor: enough to allocate its receive buffer."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    requires_grad: bool
 
     @staticmethod
     def of(t: torch.Tensor) -> TensorMeta:
-        return TensorMeta(tuple(t.shape), t.dtype, t.requires_grad)
+        return TensorMeta(tuple(t.shape), t.dtype)
 
     def empty(self, device: torch.device) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=device)

@@ -1,0 +1,185 @@
+"""``layerwise plan``: argument parsing and output; the lead wires it into ``layerwise``.
+
+    layerwise plan --model llama3-70b --gpu h100-80gb --gpus 64 --global-batch 1024
+    layerwise plan evaluate --layers 96 --hidden 12288 --heads 96 --seq 2048 --vocab 51200 \\
+        --gpu a100-80gb --gpus 1024 --tp 8 --pp 8 --micro-batch 1 --global-batch 1536 --json
+    layerwise plan --local
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from layerwise.planner.evaluate import evaluate
+from layerwise.planner.report import render_evaluation, render_plan
+from layerwise.planner.search import Fixed, plan
+from layerwise.planner.specs import (
+    GPU_PRESETS,
+    MODEL_PRESETS,
+    PRECISIONS,
+    RECOMPUTE,
+    SCHEDULES,
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    PlanError,
+    TrainSpec,
+    gpu_preset,
+    model_preset,
+)
+from layerwise.planner.timing import DEFAULT_CALIBRATION, Calibration
+
+ARCH = ("layers", "hidden", "heads", "kv_heads", "ffn", "seq", "vocab")
+GPU_FIELDS = ("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps", "network_gbps")
+
+
+def add_plan_parser(subparsers: Any) -> None:
+    """Registers the ``plan`` subcommand (with its ``evaluate`` mode) on ``subparsers``."""
+    p = subparsers.add_parser(
+        "plan",
+        help="choose data/tensor/pipeline degrees for a model and cluster, and explain why",
+        description="Rank the layouts that fit, or score one with 'plan evaluate'.",
+    )
+    p.add_argument("mode", nargs="?", choices=["search", "evaluate"], default="search")
+    m = p.add_argument_group("model (a preset, or the architecture; flags override the preset)")
+    m.add_argument("--model", help=f"preset: {', '.join(MODEL_PRESETS)}")
+    for name in ARCH:
+        m.add_argument(f"--{name.replace('_', '-')}", type=int)
+    m.add_argument("--gated-mlp", action="store_true", default=None, help="SwiGLU FFN")
+    m.add_argument("--flash-attention", action="store_true", default=None)
+    c = p.add_argument_group("cluster")
+    c.add_argument("--gpu", default="a100-80gb", help=f"preset: {', '.join(GPU_PRESETS)}")
+    c.add_argument("--gpus", type=int, help="total GPUs (default: nodes x gpus-per-node)")
+    c.add_argument("--nodes", type=int)
+    c.add_argument("--gpus-per-node", type=int, default=8)
+    for name in GPU_FIELDS:
+        c.add_argument(f"--{name.replace('_', '-')}", type=float, help="override the preset")
+    t = p.add_argument_group("training")
+    t.add_argument("--global-batch", type=int, help="sequences per step (default 8 x GPUs)")
+    t.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    t.add_argument("--fp32-grads", action="store_true", help="Megatron's fp32 gradients")
+    t.add_argument("--no-overlap-grad-reduce", action="store_true")
+    d = p.add_argument_group("layout (fixed degrees; required by 'evaluate')")
+    for name in ("dp", "tp", "pp", "vpp", "micro-batch", "zero"):
+        d.add_argument(f"--{name}", type=int)
+    d.add_argument("--recompute", choices=RECOMPUTE)
+    d.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
+    d.add_argument("--schedule", choices=(*SCHEDULES, "all"), default="1f1b")
+    o = p.add_argument_group("output and calibration")
+    o.add_argument("--top", type=int, default=5, help="layouts to show")
+    o.add_argument("--json", action="store_true", help="print JSON")
+    o.add_argument("--local", action="store_true", help="measure this CPU and predict")
+    o.add_argument("--workers", type=int, default=2, help="CPU processes for --local")
+    o.add_argument("--matmul-efficiency", type=float)
+    o.add_argument("--elementwise-traffic", type=float)
+    p.set_defaults(func=run_plan)
+
+
+def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    """Returns the preset with overrides, or the model the architecture flags describe."""
+    given = {k: getattr(args, k) for k in ARCH if getattr(args, k) is not None}
+    for flag in ("gated_mlp", "flash_attention"):
+        if getattr(args, flag) is not None:
+            given[flag] = getattr(args, flag)
+    if args.model:
+        return dataclasses.replace(model_preset(args.model), **given)
+    missing = [f"--{k}" for k in ("layers", "hidden", "heads", "seq", "vocab") if k not in given]
+    if missing:
+        raise PlanError(f"give --model PRESET or the architecture (missing {' '.join(missing)})")
+    return ModelSpec(name="custom", **given)
+
+
+def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
+    """Returns the cluster; raises PlanError if the GPU count does not fill whole nodes."""
+    gpu = gpu_preset(args.gpu)
+    gpu = dataclasses.replace(
+        gpu, **{k: getattr(args, k) for k in GPU_FIELDS if getattr(args, k) is not None}
+    )
+    per_node = args.gpus_per_node
+    if args.gpus is None:
+        return ClusterSpec(gpu, per_node, args.nodes or 1)
+    if args.gpus < per_node:
+        return ClusterSpec(gpu, args.gpus, 1)
+    if args.gpus % per_node:
+        raise PlanError(
+            f"--gpus {args.gpus} is not a whole number of nodes of {per_node} GPUs "
+            f"(set --gpus-per-node, or use {args.gpus // per_node * per_node})"
+        )
+    return ClusterSpec(gpu, per_node, args.gpus // per_node)
+
+
+def train_from_args(args: argparse.Namespace, gpus: int) -> TrainSpec:
+    """Returns the training settings (global batch defaults to 8 sequences per GPU)."""
+    return TrainSpec(
+        global_batch=args.global_batch or 8 * gpus,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        fp32_grads=args.fp32_grads,
+        overlap_grad_reduce=not args.no_overlap_grad_reduce,
+    )
+
+
+def _calibration(args: argparse.Namespace) -> Calibration:
+    cal = DEFAULT_CALIBRATION
+    if args.matmul_efficiency is not None:
+        cal = dataclasses.replace(cal, matmul_efficiency=args.matmul_efficiency)
+    if args.elementwise_traffic is not None:
+        cal = dataclasses.replace(cal, elementwise_traffic=args.elementwise_traffic)
+    return cal
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    model, cluster = model_from_args(args), cluster_from_args(args)
+    train = train_from_args(args, cluster.gpus)
+    if args.tp is None or args.pp is None or args.micro_batch is None:
+        raise PlanError("'plan evaluate' needs --tp, --pp and --micro-batch")
+    if cluster.gpus % (args.tp * args.pp):
+        raise PlanError(f"{cluster.gpus} GPUs are not divisible by tp x pp = {args.tp} x {args.pp}")
+    lay = Layout(
+        dp=args.dp or cluster.gpus // (args.tp * args.pp),
+        tp=args.tp,
+        pp=args.pp,
+        micro_batch=args.micro_batch,
+        vpp=args.vpp or 1,
+        recompute=args.recompute or "none",
+        sequence_parallel=bool(args.sequence_parallel),
+        zero=args.zero or 0,
+        schedule="1f1b" if args.schedule == "all" else args.schedule,
+    )
+    ev = evaluate(model, cluster, train, lay, _calibration(args))
+    print(json.dumps(ev.to_json(), indent=2) if args.json else render_evaluation(ev, cluster))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    model, cluster = model_from_args(args), cluster_from_args(args)
+    train = train_from_args(args, cluster.gpus)
+    fixed = Fixed(
+        dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp, micro_batch=args.micro_batch,
+        recompute=args.recompute, zero=args.zero, sequence_parallel=args.sequence_parallel,
+        schedules=SCHEDULES if args.schedule == "all" else (args.schedule,),
+    )  # fmt: skip
+    result = plan(model, cluster, train, fixed, top=args.top, cal=_calibration(args))
+    if args.json:
+        print(json.dumps([ev.to_json() for ev in result.ranked], indent=2))
+    else:
+        print(render_plan(result, model, cluster, train, fixed))
+    return 0 if result.ranked else 2
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Runs ``layerwise plan``; returns the exit code (1 on bad input, 2 if nothing fits)."""
+    try:
+        if args.local:
+            from layerwise.planner.local import run_local  # torch is imported only here
+
+            return run_local(args)
+        return _evaluate(args) if args.mode == "evaluate" else _search(args)
+    except PlanError as err:
+        print(f"layerwise plan: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,265 @@
+"""Worker functions for multi-process runtime tests (module level, so spawn can import them).
+
+Each function runs many cases inside one process group and returns plain data; the tests
+compare it with single-process training of the same model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+import layerwise as lw
+from layerwise.models.gpt import GPTConfig, build_gpt, gpt_layers, loss_fn, tied_parameter_names
+
+D = 8
+
+
+class Residual(nn.Module):
+    """x + W2 gelu(W1 x): its output is not saved by autograd, so it is freed once sent."""
+
+    def __init__(self, d: int = D) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class TanhLayer(nn.Module):
+    """Output saved by autograd (tanh): must be kept after sending."""
+
+    def __init__(self, d: int = D) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class Split(nn.Module):
+    """Returns a tuple: (features, integer positions): several tensors cross the boundary."""
+
+    def __init__(self, d: int = D) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = (x > 0).long()  # an integer tensor that needs no gradient
+        return self.fc(x), pos
+
+
+class TupleLayer(nn.Module):
+    def __init__(self, d: int = D) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x) + 0.01 * pos.float(), pos
+
+
+class ToDict(nn.Module):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"x": x, "scale": torch.sigmoid(x.mean(dim=1, keepdim=True))}
+
+
+class FromDict(nn.Module):
+    def __init__(self, d: int = D) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * scale)
+
+
+def mlp_layers(n: int = 8) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [Residual() if i % 2 == 0 else TanhLayer() for i in range(n)]
+
+
+def struct_layers() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        Split(),
+        TupleLayer(),
+        ToDict(),
+        FromDict(),
+        Residual(),
+        TanhLayer(),
+        Residual(),
+        TanhLayer(),
+    ]
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out, target)
+
+
+def reference(
+    layers: list[nn.Module], x: Any, y: Any, loss: Any
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Plain single-process training: the loss and every parameter's gradient by global name."""
+    model = nn.Sequential(*layers)
+    value = x
+    for layer in model:
+        value = (
+            layer(*value)
+            if isinstance(value, tuple)
+            else layer(**value)
+            if isinstance(value, dict)
+            else layer(value)
+        )
+    out = loss(value, y)
+    out.backward()
+    grads = {
+        f"{i}.{k}": p.grad.clone()
+        for i, layer in enumerate(model)
+        for k, p in layer.named_parameters()
+    }
+    return out.item(), grads
+
+
+def compare(
+    pipe: lw.Pipeline, loss: float, ref_loss: float, ref_grads: dict[str, torch.Tensor]
+) -> list[str]:
+    """Return what differs from the reference (empty when everything matches)."""
+    errors = []
+    if abs(loss - ref_loss) > 1e-5 * max(1.0, abs(ref_loss)):
+        errors.append(f"loss {loss} != {ref_loss}")
+    for name, p in pipe.named_parameters():
+        if p.grad is None:
+            errors.append(f"{name}: no gradient")
+            continue
+        try:
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+        except AssertionError as err:
+            errors.append(f"{name}: {str(err).splitlines()[0]}")
+    return errors
+
+
+def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
+    """Every schedule x micro-batches x checkpointing on this world size, plus structured
+    inputs, uneven micro-batches, inference and timelines. Returns case -> list of errors."""
+    results: dict[str, Any] = {}
+    torch.manual_seed(1)
+    x, y = torch.randn(16, D), torch.randn(16, D)
+    ref_loss, ref_grads = reference(mlp_layers(), x, y, mse)
+    for schedule in ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1"):
+        for m in (1, 2, 4, 8):
+            if schedule == "interleaved-1f1b" and (m % world or 2 * world > 8):
+                continue
+            for ckpt in ("never", "always", "except_last"):
+                pipe = lw.Pipeline(
+                    mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse, checkpoint=ckpt
+                )
+                loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+                results[f"{schedule} m={m} {ckpt}"] = compare(pipe, loss, ref_loss, ref_grads)
+    tl = pipe.timeline()
+    results["timeline"] = (
+        tl.num_workers,
+        sorted({e.kind for e in tl.events}),
+        len([e for e in tl.events if e.kind in "FBIW"]),
+    )
+
+    # tuples and dicts between stages; 10 rows into 4 micro-batches (3, 3, 2, 2)
+    xs, ys = torch.randn(10, D), torch.randn(10, D)
+    ref_loss, ref_grads = reference(struct_layers(), xs, ys, mse)
+    for schedule in ("1f1b", "zb-h1"):
+        pipe = lw.Pipeline(
+            struct_layers(),
+            schedule=schedule,
+            microbatches=4,
+            loss_fn=mse,
+            balance=[1, 2, 2, 3] if world == 4 else [3, 5],
+        )
+        loss = pipe.train_step(xs if pipe.is_first else None, ys if pipe.is_last else None)
+        results[f"structured {schedule}"] = compare(pipe, loss, ref_loss, ref_grads)
+
+    # inference equals the plain model; a second step with new shapes re-sends metadata
+    pipe = lw.Pipeline(mlp_layers(), schedule="1f1b", microbatches=2, loss_fn=mse)
+    expected = nn.Sequential(*mlp_layers())(x)
+    out = pipe.forward(x if pipe.is_first else None)
+    results["forward"] = None if out is None else float((out - expected).abs().max())
+    x5, y5 = torch.randn(5, D), torch.randn(5, D)
+    ref_loss, ref_grads = reference(mlp_layers(), x5, y5, mse)
+    pipe.zero_grad()
+    loss = pipe.train_step(x5 if pipe.is_first else None, y5 if pipe.is_last else None)
+    results["new shapes"] = compare(pipe, loss, ref_loss, ref_grads)
+    return results
+
+
+def gpt_cases(rank: int, world: int) -> dict[str, Any]:
+    """A tied-embedding GPT built from factories: equal to single-process training, and the
+    tied copies stay identical."""
+    cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=3)
+    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    model = build_gpt(cfg)
+    ref = loss_fn(model(x), y)
+    ref.backward()
+    ref_grads = {
+        f"{i}.{k}": p.grad.clone()
+        for i, layer in enumerate(model)
+        for k, p in layer.named_parameters()
+    }
+    # the reference shares one tensor; its gradient is the sum of both uses
+    ref_grads[f"{cfg.n_layers + 1}.lm_head.weight"] = ref_grads["0.tok.weight"]
+    results: dict[str, Any] = {}
+    for schedule in ("1f1b", "zb-h1"):
+        pipe = lw.Pipeline(
+            gpt_layers(cfg),
+            schedule=schedule,
+            microbatches=2,
+            loss_fn=loss_fn,
+            tied=tied_parameter_names(cfg),
+        )
+        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        results[schedule] = compare(pipe, loss, ref.item(), ref_grads)
+    return results
+
+
+def dying_worker(rank: int, world: int, victim: int) -> str | None:
+    """``victim`` kills itself with SIGKILL during the second step; the others report."""
+
+    class Killer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if rank == victim and self.calls > 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return x
+
+    layers = [nn.Linear(D, D) if i % 2 == 0 else Killer() for i in range(world * 2)]
+    pipe = lw.Pipeline(layers, schedule="1f1b", microbatches=2, loss_fn=mse, timeout=20.0)
+    x, y = torch.randn(4, D), torch.randn(4, D)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(3):
+            pipe.train_step(x, y)
+    except lw.PeerError as err:
+        return f"{time.perf_counter() - t0:.1f}s {err}"
+    return "no error"
+
+
+def shape_mismatch(rank: int, world: int) -> str:
+    """Stage 1 expects 8 features but stage 0 sends 5."""
+    layers = [nn.Linear(D, 5), nn.Linear(D, D)]
+    pipe = lw.Pipeline(layers, schedule="gpipe", microbatches=1, loss_fn=mse, timeout=20.0)
+    try:
+        pipe.train_step(torch.randn(3, D), torch.randn(3, D))
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def divide_by_zero(rank: int, world: int) -> float:
+    return 1 / 0

@@ -1,0 +1,130 @@
+"""The runtime against single-process training: loss and every gradient, every schedule.
+
+Each multi-process test spawns one process group and checks many cases inside it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import _workers as w
+import layerwise as lw
+from layerwise.runtime.launch import WorkerError, run_workers
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["p2", "p4"])
+def equivalence(request: pytest.FixtureRequest) -> tuple[int, list[dict]]:
+    return request.param, run_workers(w.equivalence_cases, request.param, timeout_s=240)
+
+
+@pytest.mark.timeout(300)
+def test_every_schedule_matches_single_process(equivalence: tuple[int, list[dict]]) -> None:
+    world, results = equivalence
+    cases = [k for k in results[0] if k.split()[0] in lw.schedules.SCHEDULE_NAMES]
+    expected = 4 * 4 * 3 + (9 if world == 2 else 6)  # interleaved needs m % p == 0
+    assert len(cases) == expected
+    for rank, res in enumerate(results):
+        for case in cases:
+            assert res[case] == [], f"worker {rank}, {case}: {res[case]}"
+
+
+@pytest.mark.timeout(300)
+def test_structured_uneven_inference_and_timeline(equivalence: tuple[int, list[dict]]) -> None:
+    world, results = equivalence
+    for rank, res in enumerate(results):
+        assert res["structured 1f1b"] == [], res["structured 1f1b"]
+        assert res["structured zb-h1"] == [], res["structured zb-h1"]
+        assert res["new shapes"] == [], res["new shapes"]
+        if rank == world - 1:
+            assert res["forward"] is not None and res["forward"] < 1e-5
+        else:
+            assert res["forward"] is None
+        num_workers, kinds, computes = res["timeline"]
+        assert num_workers == world
+        assert {"F", "I", "W"} <= set(kinds)  # the last case ran zb-h1, m=8
+        assert computes == 3 * world * 8  # every F, I and W of every worker
+
+
+def test_single_worker_without_process_group() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(6, w.D), torch.randn(6, w.D)
+    ref_loss, ref_grads = w.reference(w.mlp_layers(), x, y, w.mse)
+    for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
+        for m in (1, 3):
+            pipe = lw.Pipeline(
+                w.mlp_layers(),
+                schedule=schedule,
+                microbatches=m,
+                loss_fn=w.mse,
+                chunks=2 if schedule == "interleaved-1f1b" else None,
+            )
+            loss = pipe.train_step(x, y)
+            assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, m)
+    assert len(pipe.stages) == 2  # interleaved on one worker: two chunks, local hand-off
+
+
+def test_factories_are_seeded_per_layer_not_per_worker() -> None:
+    factories = [lambda: nn.Linear(4, 4) for _ in range(4)]
+    a = lw.Pipeline(factories, microbatches=1, loss_fn=w.mse, seed=7)
+    b = lw.Pipeline(list(reversed(factories)), microbatches=1, loss_fn=w.mse, seed=7)
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    with torch.device("meta"):
+        metas = [nn.Linear(4, 4) for _ in range(4)]
+    c = lw.Pipeline(metas, microbatches=1, loss_fn=w.mse, seed=7)
+    assert all(not p.is_meta for p in c.parameters())
+
+
+@pytest.mark.timeout(300)
+def test_tied_gpt_matches_single_process() -> None:
+    results = run_workers(w.gpt_cases, 2, timeout_s=240)
+    for rank, res in enumerate(results):
+        for schedule, errors in res.items():
+            assert errors == [], f"worker {rank}, {schedule}: {errors}"
+
+
+@pytest.mark.timeout(200)
+def test_killed_worker_makes_every_other_worker_raise() -> None:
+    results = run_workers(w.dying_worker, 3, 2, timeout_s=60, allow_exit=True)
+    assert results[2] is None  # the victim died without a word
+    for rank in (0, 1):
+        seconds, message = results[rank].split("s ", 1)
+        assert float(seconds) < 30, results[rank]
+        assert "lost worker" in message, message
+        assert "worker 1 lost worker 2" in message, message  # names the first loss
+
+
+@pytest.mark.timeout(200)
+def test_shape_mismatch_names_both_stages() -> None:
+    results = run_workers(w.shape_mismatch, 2, timeout_s=60)
+    assert (
+        "stage 1 (layers 1-1) failed on micro-batch 0, whose input from stage 0 is [(3, 5) float32]"
+        in results[1]
+    )
+    assert "mat1 and mat2 shapes cannot be multiplied" in results[1]
+    assert "lost worker 1" in results[0] and "First failure in the job: stage 1" in results[0]
+
+
+def test_bad_configuration_errors() -> None:
+    with pytest.raises(ValueError, match="2 layers cannot fill 4 stages"):
+        lw.Pipeline([nn.Linear(2, 2)] * 2, schedule="interleaved-1f1b", chunks=4, microbatches=1)
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        lw.Pipeline([nn.Linear(2, 2)], checkpoint="sometimes")
+    pipe = lw.Pipeline([nn.Linear(2, 2)], microbatches=4, loss_fn=w.mse)
+    with pytest.raises(ValueError, match="needs the inputs"):
+        pipe.train_step(None, torch.randn(4, 2))
+    with pytest.raises(ValueError, match="needs the targets"):
+        pipe.train_step(torch.randn(4, 2), None)
+    with pytest.raises(ValueError, match="3 rows cannot be cut into 4 micro-batches"):
+        pipe.train_step(torch.randn(3, 2), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="needs a loss_fn"):
+        lw.Pipeline([nn.Linear(2, 2)]).train_step(torch.randn(4, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="schedule is for 2 workers but the group has 1"):
+        lw.Pipeline([nn.Linear(2, 2)] * 2, schedule=lw.generate("gpipe", 2, 1))
+
+
+def test_worker_errors_are_collected() -> None:
+    with pytest.raises(WorkerError, match=r"--- worker 0 ---[\s\S]*ZeroDivisionError"):
+        run_workers(w.divide_by_zero, 1, timeout_s=30)
