@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_plan_parser(sub)
+    from layerwise import commands
+
+    commands.add_parsers(sub)
     return parser
 
 

@@ -46,7 +46,7 @@ def loss_reason(alt: Evaluation, win: Evaluation, cluster: ClusterSpec) -> str:
     elif part == "recomputation":
         why = f"{lay.recompute} recomputation adds {delta:.2f} s of repeated forward"
     elif part == "compute":
-        why = f"smaller per-GPU matmuls and more elementwise traffic (+{delta:.2f} s)"
+        why = f"+{delta:.2f} s of compute on its slowest stage (output layer, smaller matmuls)"
     else:
         why = f"{part} +{delta:.2f} s"
     return f"{slower:+.0%} step time: {why}"

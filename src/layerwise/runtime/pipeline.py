@@ -23,6 +23,7 @@ from layerwise.schedules import Action, Schedule, dependencies, generate, valida
 from layerwise.timeline import Event, Timeline
 
 CHECKPOINT_MODES = ("never", "always", "except_last")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 LOOKAHEAD = 2  # receives posted this many actions ahead of need
 
 TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
@@ -63,6 +64,7 @@ class Pipeline:
     recomputes its forward during backward). ``tied``: parameters shared by two layers, as
     (layer, name, layer, name); their gradients are summed across the workers that hold them.
     ``timeout``: seconds any wait on a peer may take before raising.
+    ``precision``: ``fp32``, or ``bf16`` (forward under bfloat16 autocast; fp32 weights).
     """
 
     def __init__(
@@ -80,12 +82,16 @@ class Pipeline:
         timeout: float = 120.0,
         seed: int = 0,
         sample: Any = None,
+        precision: str = "fp32",
     ) -> None:
         specs: list[LayerSpec] = (
             list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         )
         if not specs:
             raise ValueError("a pipeline needs at least one layer")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        self.amp_dtype = PRECISIONS[precision]
         if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
         self.group = group
@@ -135,7 +141,14 @@ class Pipeline:
                 f"{len(specs)} layers cannot fill {num_stages} stages ({self.num_workers} workers x "
                 f"{self.schedule.chunks} chunks): use at most {len(specs)} stages"
             )
-        return resolve_balance(specs, num_stages, balance, sample)
+        part = resolve_balance(specs, num_stages, balance, sample)
+        if isinstance(balance, str) and balance in ("time", "memory") and self.num_workers > 1:
+            # measurements differ between processes: everyone takes worker 0's partition
+            sizes: list[Any] = [part.sizes]
+            src = dist.get_global_rank(self.group, 0) if self.group else 0
+            dist.broadcast_object_list(sizes, src=src, group=self.group)
+            part = Partition.from_sizes(sizes[0], len(specs))
+        return part
 
     def _build_stage(self, s: int, specs: list[LayerSpec], seed: int) -> Stage:
         r = self.partition.ranges[s]
@@ -152,7 +165,7 @@ class Pipeline:
                     if is_meta(module):
                         module = materialize(module, self.device)
             built.append(module.to(self.device))
-        return Stage(s, r.start, built)
+        return Stage(s, r.start, built, self.amp_dtype)
 
     def _setup_ties(
         self, tied: Sequence[TiedSpec], distributed: bool
@@ -418,6 +431,37 @@ class Pipeline:
                 src=dist.get_global_rank(self.group, src) if self.group else src,
                 group=self.group,
             )
+        return float(value.item())
+
+    def module(self) -> nn.ModuleDict:
+        """Return this worker's layers as one module keyed by global layer index, so that
+        state dicts name parameters the same whatever the partition ('3.attn.q_proj.weight')."""
+        return nn.ModuleDict(
+            {str(st.first_layer + i): layer for st in self.stages.values() for i, layer in enumerate(st.layers)}
+        )
+
+    def owns_tied_copy(self, param: nn.Parameter) -> bool:
+        """Return False for the second copy of a tied parameter held by a higher worker, so
+        that norms and counts see each tied tensor once."""
+        for params, pg in self._tie_groups:
+            if any(p is param for p in params):
+                return dist.get_rank(pg) == 0
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Any = None, targets: Any = None) -> float:
+        """Return the mean loss of ``inputs`` against ``targets`` (no gradients) on every rank."""
+        if self.loss_fn is None:
+            raise ValueError("evaluate needs a loss_fn")
+        out = self.forward(inputs)
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.is_last:
+            if targets is None:
+                raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
+            value[0] = float(self.loss_fn(out, targets))
+        if self.num_workers > 1:
+            src = self.schedule.stage_worker[-1]
+            dist.broadcast(value, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
         return float(value.item())
 
     # -- inference ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ state; the first backward action recomputes the forward with the same random num
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +71,10 @@ class Stash:
 class Stage(nn.Module):
     """The consecutive layers ``first .. first + len(layers) - 1`` of the model."""
 
-    def __init__(self, index: int, first_layer: int, layers: list[nn.Module]) -> None:
+    def __init__(self, index: int, first_layer: int, layers: list[nn.Module],
+                 amp_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.amp_dtype = amp_dtype
         self.index = index
         self.first_layer = first_layer
         self.layers = nn.ModuleList(layers)
@@ -93,9 +96,17 @@ class Stage(nn.Module):
 
     def run(self, value: Any) -> Any:
         """Apply the stage's layers in order (no stashing): used by inference and recompute."""
-        for layer in self.layers:
-            value = call_layer(layer, value)
+        with self.autocast():
+            for layer in self.layers:
+                value = call_layer(layer, value)
         return value
+
+    def autocast(self) -> Any:
+        """Return the mixed-precision context of this stage's forward (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        device = next((p.device.type for p in self.parameters()), "cpu")
+        return torch.autocast(device_type=device, dtype=self.amp_dtype)
 
     def _forward_graph(self, mb: int, inputs: Any, head: LossHead | None, capture: bool) -> Stash:
         stash = Stash(inputs=inputs)

@@ -1,0 +1,68 @@
+"""``layerwise generate``: sample text from a trained run; the stages stay on their workers.
+
+Every worker rebuilds its own stages from the run's config and checkpoint; the prompt
+enters on the first worker, logits come out of the last one, which samples the next byte
+and broadcasts it so the first worker can feed it back in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from layerwise import checkpoint as ckpt
+from layerwise.data import decode, encode
+from layerwise.models.gpt import gpt_layers, loss_fn, tied_parameter_names
+from layerwise.runtime.pipeline import Pipeline
+from layerwise.train import TrainConfig, parse_balance
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
+    """Return one token drawn from the last position's ``logits`` (greedy if temperature <= 0)."""
+    last = logits[0, -1].float()
+    if temperature <= 0:
+        return int(last.argmax())
+    last = last / temperature
+    if 0 < top_k < last.numel():
+        cutoff = torch.topk(last, top_k).values[-1]
+        last = last.masked_fill(last < cutoff, float("-inf"))
+    return int(torch.multinomial(torch.softmax(last, dim=-1), 1, generator=gen))
+
+
+def main_worker(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.timeout))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    try:
+        gpt = cfg.gpt()
+        pipe = Pipeline(gpt_layers(gpt), schedule="gpipe", microbatches=1, loss_fn=loss_fn,
+                        balance=parse_balance(cfg.balance), chunks=None, tied=tied_parameter_names(gpt),
+                        timeout=cfg.timeout, seed=cfg.seed)
+        path = ckpt.latest(run_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+        ckpt.load(path, pipe.module(), None)
+        pipe.eval()
+        tokens = encode(args.prompt).unsqueeze(0)
+        gen = torch.Generator().manual_seed(args.seed)
+        last_rank = dist.get_world_size() - 1
+        for _ in range(args.tokens):
+            context = tokens[:, -cfg.seq_len :]
+            logits = pipe.forward(context if pipe.is_first else None)
+            nxt = torch.zeros(1, dtype=torch.long)
+            if pipe.is_last:
+                nxt[0] = sample_next(logits, args.temperature, args.top_k, gen)
+            dist.broadcast(nxt, src=last_rank)
+            tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+        if dist.get_rank() == 0:
+            print(decode(tokens[0]), flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,281 @@
+"""The training job behind ``layerwise train``: a GPT decoder trained layer-wise across workers.
+
+Runs on every rank (started by ``torchrun`` or by :mod:`layerwise.launcher`). Rank 0 shows
+progress and writes the run directory: ``config.json``, ``metrics.jsonl``, ``timeline.json``,
+``timeline.png`` (measured next to simulated), ``trace.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwise import checkpoint as ckpt
+from layerwise.data import Batcher, load_corpus, split
+from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
+from layerwise.runtime.pipeline import Pipeline
+from layerwise.runtime.transport import PeerError
+from layerwise.simulate import Costs, simulate
+from layerwise.timeline import Timeline, render_png, write_chrome_trace
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as config.json and reloaded by --resume."""
+
+    workers: int = 4
+    schedule: str = "1f1b"
+    microbatches: int = 8
+    chunks: int | None = None
+    balance: str = "params"
+    checkpoint: str = "never"
+    precision: str = "fp32"
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 400
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    tie_embeddings: bool = False
+    run_dir: str = ""
+    device: str = "cpu"
+    data: str | None = None
+    data_bytes: int = 4_000_000
+    eval_interval: int = 50
+    eval_batches: int = 4
+    save_interval: int = 100
+    max_nonfinite: int = 3
+    timeout: float = 120.0
+
+    def gpt(self) -> GPTConfig:
+        return GPTConfig(seq_len=self.seq_len, d_model=self.d_model, n_layers=self.layers,
+                         n_heads=self.heads, tie_embeddings=self.tie_embeddings, seed=self.seed)
+
+    def layout(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the saved one."""
+        keys = ("workers", "schedule", "microbatches", "chunks", "layers", "d_model", "heads",
+                "seq_len", "batch_size", "tie_embeddings", "balance")
+        return {k: getattr(self, k) for k in keys}
+
+
+def parse_balance(text: str) -> str | list[int]:
+    """'params' stays a mode; '2,2,1,1' becomes stage sizes."""
+    return [int(x) for x in text.split(",")] if "," in text or text.isdigit() else text
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def global_grad_norm(pipe: Pipeline) -> float:
+    """Return the L2 norm of every gradient across all stages (tied copies counted once)."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in pipe.parameters():
+        if p.grad is not None and pipe.owns_tied_copy(p):
+            total += p.grad.detach().double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total.sqrt().item())
+
+
+def simulated_twin(measured: Timeline, pipe: Pipeline) -> Timeline:
+    """Simulate the same schedule with each stage's measured mean F/B/I/W times."""
+    sched = pipe.schedule
+    means: dict[tuple[str, int], list[float]] = {}
+    for e in measured.events:
+        if e.kind in ("F", "B", "I", "W"):
+            means.setdefault((e.kind, e.stage), []).append(e.duration)
+
+    def mean(kind: str, stage: int) -> float:
+        values = means.get((kind, stage), [])
+        return sum(values) / len(values) if values else 0.0
+
+    n = sched.num_stages
+    split_b = any(k == "I" for k, _ in means)
+    fwd = [mean("F", s) for s in range(n)]
+    if split_b:
+        ig = [mean("I", s) for s in range(n)]
+        wg = [mean("W", s) for s in range(n)]
+        costs = Costs.per_stage(fwd, [i + w for i, w in zip(ig, wg, strict=True)], ig, wg)
+    else:
+        costs = Costs.per_stage(fwd, [mean("B", s) for s in range(n)])
+    twin = simulate(sched, costs)
+    twin.meta["costs"] = dataclasses.asdict(costs)
+    return twin
+
+
+class RunLog:
+    """Rank 0's writer for metrics.jsonl; a resumed run drops lines after its checkpoint."""
+
+    def __init__(self, run_dir: Path, resume_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():  # lines past the checkpoint belong to a run that was lost
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln and json.loads(ln).get("step", 0) < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def _setup(cfg: TrainConfig) -> tuple[int, int]:
+    if not dist.is_initialized():
+        backend = "nccl" if cfg.device == "cuda" else "gloo"
+        from datetime import timedelta
+
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.workers:
+        raise ValueError(f"--workers {cfg.workers} but the job has {world} processes")
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(max(1, cores // local))  # workers on one machine share its cores
+    return rank, world
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or continue) the training job on this rank; return the final metrics."""
+    rank, world = _setup(cfg)
+    run_dir = Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed + rank)
+    gpt = cfg.gpt()
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    pipe = Pipeline(gpt_layers(gpt), schedule=cfg.schedule, microbatches=cfg.microbatches,
+                    loss_fn=loss_fn, balance=parse_balance(cfg.balance), checkpoint=cfg.checkpoint,
+                    chunks=cfg.chunks, tied=tied_parameter_names(gpt), device=device,
+                    timeout=cfg.timeout, seed=cfg.seed, precision=cfg.precision)
+    params = list(pipe.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
+    if resume:
+        path = ckpt.latest(run_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+        extra = ckpt.load(path, pipe.module(), opt)
+        start = int(extra["step"])
+        torch.set_rng_state(extra["rng"])
+    batcher = val = None
+    if pipe.is_first or pipe.is_last:
+        tokens = torch.frombuffer(bytearray(load_corpus(cfg.data, cfg.data_bytes)), dtype=torch.uint8).long()
+        train_tokens, val_tokens = split(tokens, 0.1)
+        batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+        val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+    log = RunLog(run_dir, start) if rank == 0 else None
+    bar = _progress(cfg, start) if rank == 0 else None
+    nonfinite = 0
+    ema: float | None = None
+    record: dict[str, Any] = {}
+    measured = None
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        x, y = batcher.get_batch(step) if batcher is not None else (None, None)
+        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        norm = global_grad_norm(pipe)
+        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, step)}
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            nonfinite += 1
+            record["skipped"] = "non-finite loss or gradient"
+            if nonfinite >= cfg.max_nonfinite:
+                raise FloatingPointError(f"{nonfinite} non-finite steps in a row (last: step {step}); "
+                                         f"try a lower --lr or --precision fp32")
+        else:
+            nonfinite = 0
+            scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
+            for group in opt.param_groups:
+                group["lr"] = record["lr"]
+            for p in params:
+                if p.grad is not None and scale < 1.0:
+                    p.grad.mul_(scale)
+            opt.step()
+            if ema is not None and step > cfg.warmup and loss > 1.5 * ema:
+                record["spike"] = f"loss {loss:.3f} is {loss / ema:.1f}x its running mean {ema:.3f}"
+            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+        pipe.zero_grad()
+        measured = pipe.timeline()
+        elapsed = time.perf_counter() - t0
+        record.update(step_time=elapsed, tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
+                      idle=measured.bubble_fraction())
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_interval == 0 or last:
+            losses = [pipe.evaluate(vx if pipe.is_first else None, vy if pipe.is_last else None)
+                      for vx, vy in (val or [(None, None)] * cfg.eval_batches)]
+            record["val_loss"] = sum(losses) / len(losses)
+        if (step + 1) % cfg.save_interval == 0 or last:
+            ckpt.save(run_dir / "checkpoints", step + 1, pipe.module(), opt,
+                      {"step": step + 1, "rng": torch.get_rng_state()})
+        if log is not None and bar is not None:
+            log.write(record)
+            _update_progress(bar, record)
+    if bar is not None:
+        bar.close()
+    if measured is not None:
+        measured.meta["stage_sizes"] = pipe.partition.sizes
+        twin = simulated_twin(measured, pipe)
+        if rank == 0:
+            _write_pictures(run_dir, measured, twin)
+    return record
+
+
+def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
+    (run_dir / "timeline.json").write_text(json.dumps({"measured": measured.to_json(),
+                                                        "simulated": twin.to_json()}))
+    render_png([measured, twin], run_dir / "timeline.png",
+               titles=["measured (last step)", "simulated with the measured stage times"])
+    write_chrome_trace([measured, twin], run_dir / "trace.json")
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.workers} workers {cfg.schedule}",
+                unit="step", dynamic_ncols=True)
+
+
+def _update_progress(bar: Any, record: dict[str, Any]) -> None:
+    post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+            "idle": f"{100 * record['idle']:.0f}%"}
+    if "val_loss" in record:
+        bar.write(f"step {record['step'] + 1}: val loss {record['val_loss']:.3f}")
+    for key in ("skipped", "spike"):
+        if key in record:
+            bar.write(f"step {record['step'] + 1}: {record[key]}")
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+
+def main_worker(cfg: TrainConfig, resume: bool) -> int:
+    """Entry point on one rank: train, and turn a lost peer into a one-line error."""
+    try:
+        train(cfg, resume)
+    except PeerError as err:
+        print(f"[rank {dist.get_rank() if dist.is_initialized() else '?'}] {err}", flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,80 @@
+"""``layerwise plan`` and ``layerwise plan evaluate`` through argparse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerwise.planner.cli import run_plan
+from layerwise.planner.local import LayerCost, measure_layer, predict_local
+from planner_helpers import parse
+
+EVALUATE = (
+    "evaluate --layers 96 --hidden 12288 --heads 96 --seq 2048 --vocab 51200 "
+    "--gpu a100-80gb --gpus 1024 --tp 8 --pp 8 --micro-batch 1 --global-batch 1536"
+)
+
+
+def run(argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = run_plan(parse(argv.split()))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(EVALUATE + " --vpp 2 --recompute selective --sequence-parallel --json",
+                       capsys)  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    for key in ("step_time_s", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu",
+                "bubble_fraction", "fits"):  # fmt: skip
+        assert key in data
+    parts = data["memory_gib"]
+    assert set(parts) >= {"weights", "gradients", "optimizer", "activations", "total"}
+    summed = sum(v for k, v in parts.items() if k not in ("total", "limit"))
+    assert parts["total"] == pytest.approx(summed, abs=0.05)
+    assert data["hardware_tflops_per_gpu"] >= data["model_tflops_per_gpu"]
+    assert data["mfu"] == pytest.approx(data["model_tflops_per_gpu"] / 312, abs=0.001)
+    assert data["layout"]["dp"] == 16 and data["fits"] is True
+
+
+def test_plan_json_is_a_ranked_list(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run("--model megatron-7.5b --gpus 16 --global-batch 128 --top 3 --json",
+                       capsys)  # fmt: skip
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 3
+    assert [r["step_time_s"] for r in rows] == sorted(r["step_time_s"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (EVALUATE.replace("--tp 8", "--tp 5").replace("--gpus 1024", "--gpus 1000")
+         .replace("--gpu a100", "--gpus-per-node 5 --gpu a100"), "does not divide the 96"),
+        (EVALUATE.replace("--gpus 1024", "--gpus 1020"), "not a whole number of nodes"),
+        (EVALUATE.replace("--tp 8 --pp 8", "--tp 8 --pp 3"), "not divisible by tp x pp"),
+        ("--model gpt-9", "unknown model preset 'gpt-9'"),
+        ("--model gpt3-175b --gpu tpu-v9", "unknown GPU preset 'tpu-v9'"),
+        ("--layers 4 --hidden 64", "missing --heads --seq --vocab"),
+        (EVALUATE.replace("--global-batch 1536", "--global-batch 100"), "not a multiple of"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_a_clear_message(
+    argv: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 1
+    assert message in err
+
+
+def test_local_prediction_uses_measured_costs() -> None:
+    cost = measure_layer(hidden=64, heads=2, seq=32, micro_batch=2, threads=1, repeats=1)
+    assert cost.forward > 0 and cost.backward > 0
+    rows = predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=LayerCost(0.01, 0.02, 50_000))
+    by = {r["layout"]: r for r in rows}
+    assert set(by) == {"dp2 pp1 mb2", "dp1 pp2 mb2"}
+    # pp=2: 4 micro-batches through 2 stages of 2 layers each, plus the simulated bubble
+    pipe = by["dp1 pp2 mb2"]
+    assert float(pipe["step_time_s"]) > 4 * 2 * 0.03
+    assert 0 < float(pipe["bubble_fraction"]) < 0.5
