@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
 _OVERSHOOT = [2e-4]  # running estimate of how late time.sleep wakes up, in seconds
 
 

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 import layerwise as lw
-from layerwise.runtime.launch import run_workers
-
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
+from layerwise.runtime.launch import run_workers
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 
@@ -55,12 +54,15 @@ def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> l
                 durations[(e.kind, e.stage)].append(e.duration)
 
     def mean(kind: str) -> list[float]:
-        return [statistics.fmean(durations[(kind, s)]) if durations[(kind, s)] else 0.0 for s in range(n)]
+        return [
+            statistics.fmean(durations[(kind, s)]) if durations[(kind, s)] else 0.0
+            for s in range(n)
+        ]
 
     split = bool(sched.split_stages)
     if split:
         i, w = mean("I"), mean("W")
-        costs = lw.Costs.per_stage(mean("F"), [a + b for a, b in zip(i, w)], i, w)
+        costs = lw.Costs.per_stage(mean("F"), [a + b for a, b in zip(i, w, strict=True)], i, w)
     else:
         costs = lw.Costs.per_stage(mean("F"), mean("B"))
     return lw.simulate(sched, costs)
@@ -159,7 +161,10 @@ def main() -> None:
             rows,
         )
     )
-    write_json(args.json, {"benchmark": "schedules", "config": {**config, "workers": p}, "results": results})
+    write_json(
+        args.json,
+        {"benchmark": "schedules", "config": {**config, "workers": p}, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,10 +32,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 import layerwise as lw
+from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
 from layerwise.models import gpt
 from layerwise.runtime.launch import run_workers
-
-from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
 
 TORCH_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -90,14 +90,13 @@ def build(spec: Any) -> nn.Module:
     return spec if isinstance(spec, nn.Module) else spec()
 
 
-def stage_costs(stage: nn.Module, x: Any, head: Any, reps: int = 5) -> tuple[float, float]:
+def stage_costs(stage: nn.Module, x: Any, head: Any, reps: int = 10) -> tuple[float, float]:
     """Median forward and backward time of one micro-batch through ``stage`` alone."""
     fw, bw = [], []
     for _ in range(reps + 1):
         inp = x.detach().requires_grad_(x.is_floating_point())
         t0 = time.perf_counter()
         out = stage(inp)
-        t1 = time.perf_counter()
         root = head(out) if head is not None else out
         t2 = time.perf_counter()
         root.backward(None if head is not None else torch.ones_like(out))
@@ -106,6 +105,21 @@ def stage_costs(stage: nn.Module, x: Any, head: Any, reps: int = 5) -> tuple[flo
         bw.append(t3 - t2)
         stage.zero_grad(set_to_none=True)
     return median(fw[1:]), median(bw[1:])
+
+
+def ours_step(pipe: lw.Pipeline, x: Any, y: Any) -> None:
+    pipe.train_step(x, y)
+    pipe.zero_grad()
+
+
+def theirs_step(sched: Any, module: nn.Module, x: Any, y: Any) -> None:
+    if x is not None:
+        sched.step(x, return_outputs=False)
+    elif y is not None:
+        sched.step(target=y, losses=[], return_outputs=False)
+    else:
+        sched.step(return_outputs=False)
+    module.zero_grad(set_to_none=True)
 
 
 def worker(rank: int, world: int, rows: list[dict[str, Any]], warmup: int, steps: int) -> Any:
@@ -119,27 +133,21 @@ def worker(rank: int, world: int, rows: list[dict[str, Any]], warmup: int, steps
         theirs_group = dist.new_group(list(range(p)))
         specs, loss_fn, x, y = make_case(row)
         m = row.microbatches
+        ideal: float | None = None
         for name, torch_schedule in TORCH_SCHEDULES.items():
-            pipe = lw.Pipeline(specs, schedule=name, microbatches=m, loss_fn=loss_fn, group=ours_group)
+            pipe = lw.Pipeline(
+                specs, schedule=name, microbatches=m, loss_fn=loss_fn, group=ours_group
+            )
             # torch gets the very same layers: same partition, a copy of the same weights
             module = nn.Sequential(*copy.deepcopy(list(pipe.stages[rank].layers)))
             stage = PipelineStage(module, rank, p, torch.device("cpu"), group=theirs_group)
             sched = torch_schedule(stage, m, loss_fn=loss_fn)
             first, last = rank == 0, rank == p - 1
 
-            def ours(pipe: lw.Pipeline = pipe) -> None:
-                pipe.train_step(x if first else None, y if last else None)
-                pipe.zero_grad()
-
-            def theirs(sched: Any = sched, module: nn.Module = module) -> None:
-                if first:
-                    sched.step(x, return_outputs=False)
-                elif last:
-                    sched.step(target=y, losses=[], return_outputs=False)
-                else:
-                    sched.step(return_outputs=False)
-                module.zero_grad(set_to_none=True)
-
+            ours = functools.partial(ours_step, pipe, x if first else None, y if last else None)
+            theirs = functools.partial(
+                theirs_step, sched, module, x if first else None, y if last else None
+            )
             t_ours: list[float] = []
             t_theirs: list[float] = []
             for i in range(warmup + steps):  # alternate, so both see the same machine load
@@ -148,7 +156,8 @@ def worker(rank: int, world: int, rows: list[dict[str, Any]], warmup: int, steps
                 if i >= warmup:
                     t_ours += a
                     t_theirs += b
-            ideal = ideal_step(row, rank, module, pipe, specs, x)
+            if ideal is None:  # once per row
+                ideal = ideal_step(row, rank, module, pipe, specs, x)
             if rank == 0:
                 results.append(
                     {
@@ -228,8 +237,17 @@ def main() -> None:
     )
     print(
         table(
-            ["row", "p", "schedule", "ideal ms", "layerwise ms", "torch ms", "ours / theirs",
-             "ours / ideal", "theirs / ideal"],
+            [
+                "row",
+                "p",
+                "schedule",
+                "ideal ms",
+                "layerwise ms",
+                "torch ms",
+                "ours / theirs",
+                "ours / ideal",
+                "theirs / ideal",
+            ],
             out,
         )
     )

@@ -104,10 +104,6 @@ def run_train(args: argparse.Namespace) -> int:
         return relaunch(cfg.workers, ["train", "--resume", str(run_dir)])
     if not args.run_dir and not resume:  # every rank must agree on the directory
         cfg.run_dir = f"runs/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-        run_dir = Path(cfg.run_dir)
-    if int(os.environ["RANK"]) == 0 and not (run_dir / "config.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     fresh = not resume or not (run_dir / "checkpoints" / "latest.json").exists()
     return main_worker(cfg, resume=not fresh)
 

@@ -35,13 +35,28 @@ def relaunch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> 
     try:
         run(args)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        how = (f"killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
-               else f"exit code {failure.exitcode}")
-        print(f"layerwise: worker {rank} failed first ({how}); the other workers were stopped. "
-              f"See the lines above for each worker's own report.", file=sys.stderr, flush=True)
+        print(describe_failures({r: f.exitcode for r, f in err.failures.items()}),
+              file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("layerwise: interrupted; workers stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def describe_failures(exitcodes: dict[int, int]) -> str:
+    """Say which workers died and how; a worker killed by a signal is named first, since
+    the others usually exit because they lost it."""
+    term = -signal.SIGTERM  # what the launcher itself sends to stop the survivors
+    killed = sorted(r for r, code in exitcodes.items() if code < 0 and code != term)
+    failed = sorted(r for r, code in exitcodes.items() if code >= 0)
+    stopped = sorted(r for r, code in exitcodes.items() if code == term)
+    parts = [f"worker {r} was killed by {signal.Signals(-exitcodes[r]).name}" for r in killed]
+    parts += [f"worker {r} exited with code {exitcodes[r]}" for r in failed]
+    if stopped:
+        parts.append(f"worker{'s' if len(stopped) > 1 else ''} "
+                     f"{', '.join(map(str, stopped))} stopped by the launcher")
+    cause = (f"lost worker {killed[0]}" if killed
+             else f"worker {failed[0]} failed" if failed else "workers stopped")
+    return (f"layerwise: {cause}: " + "; ".join(parts)
+            + ". The remaining workers were stopped; each worker's own report is above.")

@@ -185,6 +185,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         train_tokens, val_tokens = split(tokens, 0.1)
         batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
         val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.json").exists():
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = RunLog(run_dir, start) if rank == 0 else None
     bar = _progress(cfg, start) if rank == 0 else None
     nonfinite = 0

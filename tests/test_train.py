@@ -1,0 +1,135 @@
+"""The training job: layouts agree, resume equals an uninterrupted run, failures end the job,
+and the command line works under our launcher and under torchrun on two "nodes"."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import _workers as w
+from layerwise.launcher import describe_failures
+from layerwise.runtime.launch import free_port, run_workers
+
+CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
+
+
+def losses(run_dir: str | Path) -> list[float]:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(ln)["loss"] for ln in lines]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.py"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.mark.timeout(400)
+def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: Path) -> None:
+    two = run_workers(w.train_cases, 2, str(tmp_path), str(corpus), timeout_s=300)[0]
+    one = run_workers(w.train_cases, 1, str(tmp_path), str(corpus), timeout_s=300)[0]
+    reference = losses(one["1f1b m=1"])
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for key in ("1f1b m=4", "gpipe m=2", "zb-h1 m=8"):
+        assert losses(two[key]) == pytest.approx(reference, rel=1e-4, abs=1e-5), key
+    assert losses(two["resumed"]) == pytest.approx(losses(two["1f1b m=4"]), rel=1e-6, abs=1e-7)
+    run = Path(two["1f1b m=4"])
+    for name in ("metrics.jsonl", "timeline.json", "timeline.png", "trace.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "grad_norm", "tokens_per_s", "idle", "step_time"} <= set(records[0])
+    assert "val_loss" in records[1] and "val_loss" in records[3]
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 4 and (run / "checkpoints" / latest["path"]).is_dir()
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+    from layerwise.diagnose import diagnose, render
+
+    report = diagnose(run)
+    assert len(report["workers"]) == 2 and report["steps"] == 4
+    assert 0.0 <= report["measured_bubble"] < 1.0
+    assert report["suggestions"] and all(s["predicted_step_s"] > 0 for s in report["suggestions"])
+    text = render(report)
+    assert "suggestions" in text and "idle %" in text
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "layerwise", *args]
+
+
+TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "8",
+        "--eval-interval", "2", "--save-interval", "2", "--microbatches", "2"]
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) -> None:
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", "--workers", "3", "--steps", "100000", "--data", str(corpus),
+                                 "--run-dir", str(run_dir), "--timeout", "30", *TINY),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.5)
+        assert metrics.exists(), "training never started"
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = {}
+        for pid in children:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((e.split(b"=")[1] for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = int(pid)
+        assert sorted(ranks) == [0, 1, 2]
+        killed_at = time.time()
+        os.kill(ranks[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=90)
+        elapsed = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 60, elapsed
+    assert "lost worker 1: worker 1 was killed by SIGKILL" in out, out[-3000:]
+    assert "lost worker 1" in out
+
+
+def test_failure_summary_names_the_killed_worker() -> None:
+    text = describe_failures({0: 1, 1: -15, 2: -9, 3: 1})
+    assert text.startswith("layerwise: lost worker 2: worker 2 was killed by SIGKILL; worker 0 exited")
+    assert "worker 1 stopped by the launcher" in text
+    assert describe_failures({1: 3}).startswith("layerwise: worker 1 failed: worker 1 exited with code 3")
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_under_torchrun_then_generate_and_resume_checks(tmp_path: Path, corpus: Path) -> None:
+    run_dir = tmp_path / "nodes"
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                          "-m", "layerwise", "train", "--workers", "2", "--steps", "2", "--data", str(corpus),
+                          "--run-dir", str(run_dir), *TINY],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert len(losses(run_dir)) == 2
+    gen = subprocess.run(_cli("generate", str(run_dir), "--prompt", "def f", "--tokens", "12"),
+                         capture_output=True, text=True, timeout=200)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.splitlines()[-1].startswith("def f") and len(gen.stdout.strip()) >= 12
+    bad = subprocess.run(_cli("train", "--resume", str(run_dir), "--workers", "3"),
+                         capture_output=True, text=True, timeout=100)
+    assert bad.returncode == 2 and "different layout" in bad.stderr
+    again = subprocess.run(_cli("train", "--run-dir", str(run_dir)), capture_output=True, text=True, timeout=100)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
