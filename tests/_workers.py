@@ -269,13 +269,27 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
     """Short training runs on this world size: layouts, and an interrupted run resumed."""
     from layerwise.train import TrainConfig, train
 
-    base = dict(workers=world, layers=2, d_model=32, heads=2, seq_len=16, batch_size=8,
-                steps=4, eval_interval=2, save_interval=2, data=data, lr=1e-2, warmup=2,
-                balance="uniform")
+    base = dict(
+        workers=world,
+        layers=2,
+        d_model=32,
+        heads=2,
+        seq_len=16,
+        batch_size=8,
+        steps=4,
+        eval_interval=2,
+        save_interval=2,
+        data=data,
+        lr=1e-2,
+        warmup=2,
+        balance="uniform",
+    )
     out: dict[str, Any] = {}
     layouts = [("1f1b", 4), ("gpipe", 2), ("zb-h1", 8)] if world > 1 else [("1f1b", 1)]
     for schedule, m in layouts:
-        cfg = TrainConfig(**base, schedule=schedule, microbatches=m, run_dir=f"{run_root}/{schedule}{world}")
+        cfg = TrainConfig(
+            **base, schedule=schedule, microbatches=m, run_dir=f"{run_root}/{schedule}{world}"
+        )
         train(cfg)
         out[f"{schedule} m={m}"] = cfg.run_dir
     if world > 1:

@@ -44,7 +44,7 @@ def test_action_prints_and_parses() -> None:
     for text in ("0F3", "2B1", "1W0", "12I7"):
         assert str(Action.parse(text)) == text
     assert Action.parse(" 3 F 10 ") == Action(3, "F", 10)
-    with pytest.raises(ValueError, match="expected <stage><F|B|I|W><microbatch>"):
+    with pytest.raises(ValueError, match=r"expected <stage><F\|B\|I\|W><microbatch>"):
         Action.parse("F03")
 
 
@@ -73,7 +73,8 @@ def _schedule(rows: list[str], m: int, placement: tuple[int, ...] | None = None)
         (
             ["0F0 0B0", "1B0 1F0"],
             1,
-            r"deadlocks:\n.*\n  worker 1, position 0 \(1B0\) waits for 1F0 .* later in its own list",
+            r"deadlocks:\n.*\n  worker 1, position 0 \(1B0\) waits for 1F0 .* later in its "
+            r"own list",
         ),
         (
             ["0F0 0B0 0F1 0B1", "1F1 1B1 1F0 1B0"],
@@ -102,7 +103,7 @@ def test_text_errors() -> None:
         from_text("0F0 0B0\n")
     with pytest.raises(ScheduleError, match="worker 0, position 1: cannot parse action 'X'"):
         from_text("worker 0: 0F0 X 0B0\n")
-    with pytest.raises(ScheduleError, match="numbered 0..N-1"):
+    with pytest.raises(ScheduleError, match=r"numbered 0\.\.N-1"):
         from_text("worker 1: 0F0 0B0\n")
     hand = from_text("worker 0: 0F0 0F1 0B0 0B1\nworker 1: 1F0 1B0 1F1 1B1\n")
     assert hand.num_microbatches == 2 and hand.stage_worker == (0, 1)

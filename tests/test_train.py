@@ -65,23 +65,59 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "layerwise", *args]
 
 
-TINY = ["--layers", "2", "--d-model", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "8",
-        "--eval-interval", "2", "--save-interval", "2", "--microbatches", "2"]
+TINY = [
+    "--layers",
+    "2",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-interval",
+    "2",
+    "--save-interval",
+    "2",
+    "--microbatches",
+    "2",
+]
 
 
 @pytest.mark.timeout(240)
 def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) -> None:
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", "--workers", "3", "--steps", "100000", "--data", str(corpus),
-                                 "--run-dir", str(run_dir), "--timeout", "30", *TINY),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cli(
+            "train",
+            "--workers",
+            "3",
+            "--steps",
+            "100000",
+            "--data",
+            str(corpus),
+            "--run-dir",
+            str(run_dir),
+            "--timeout",
+            "30",
+            *TINY,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         metrics = run_dir / "metrics.jsonl"
-        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        while time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+        ):
             time.sleep(0.5)
         assert metrics.exists(), "training never started"
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
         ranks = {}
         for pid in children:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -104,32 +140,75 @@ def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) 
 
 def test_failure_summary_names_the_killed_worker() -> None:
     text = describe_failures({0: 1, 1: -15, 2: -9, 3: 1})
-    assert text.startswith("layerwise: lost worker 2: worker 2 was killed by SIGKILL; worker 0 exited")
+    assert text.startswith(
+        "layerwise: lost worker 2: worker 2 was killed by SIGKILL; worker 0 exited"
+    )
     assert "worker 1 stopped by the launcher" in text
-    assert describe_failures({1: 3}).startswith("layerwise: worker 1 failed: worker 1 exited with code 3")
+    assert describe_failures({1: 3}).startswith(
+        "layerwise: worker 1 failed: worker 1 exited with code 3"
+    )
 
 
 @pytest.mark.timeout(300)
-def test_two_nodes_under_torchrun_then_generate_and_resume_checks(tmp_path: Path, corpus: Path) -> None:
+def test_two_nodes_under_torchrun_then_generate_and_resume_checks(
+    tmp_path: Path, corpus: Path
+) -> None:
     run_dir = tmp_path / "nodes"
     port = str(free_port())
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
-                          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-                          "-m", "layerwise", "train", "--workers", "2", "--steps", "2", "--data", str(corpus),
-                          "--run-dir", str(run_dir), *TINY],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(i),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "layerwise",
+                "train",
+                "--workers",
+                "2",
+                "--steps",
+                "2",
+                "--data",
+                str(corpus),
+                "--run-dir",
+                str(run_dir),
+                *TINY,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [n.communicate(timeout=240)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
     assert len(losses(run_dir)) == 2
-    gen = subprocess.run(_cli("generate", str(run_dir), "--prompt", "def f", "--tokens", "12"),
-                         capture_output=True, text=True, timeout=200)
+    gen = subprocess.run(
+        _cli("generate", str(run_dir), "--prompt", "def f", "--tokens", "12"),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.splitlines()[-1].startswith("def f") and len(gen.stdout.strip()) >= 12
-    bad = subprocess.run(_cli("train", "--resume", str(run_dir), "--workers", "3"),
-                         capture_output=True, text=True, timeout=100)
+    bad = subprocess.run(
+        _cli("train", "--resume", str(run_dir), "--workers", "3"),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert bad.returncode == 2 and "different layout" in bad.stderr
-    again = subprocess.run(_cli("train", "--run-dir", str(run_dir)), capture_output=True, text=True, timeout=100)
+    again = subprocess.run(
+        _cli("train", "--run-dir", str(run_dir)), capture_output=True, text=True, timeout=100
+    )
     assert again.returncode == 2 and "already holds a run" in again.stderr

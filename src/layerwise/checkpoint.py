@@ -43,8 +43,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save(ckpt_dir: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-         extra: dict[str, Any]) -> Path:
+def save(
+    ckpt_dir: Path,
+    step: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+) -> Path:
     """Save this worker's part of step ``step`` (collective); return the final directory."""
     final = ckpt_dir / f"step_{step:07d}"
     tmp = ckpt_dir / f"step_{step:07d}.tmp"
@@ -93,6 +98,7 @@ def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None)
     extra_file = path / f"rank{_rank()}.pt"
     if not extra_file.exists():
         raise FileNotFoundError(
-            f"{extra_file} is missing: the checkpoint was written by fewer workers than this run has"
+            f"{extra_file} is missing: the checkpoint was written by fewer workers "
+            f"than this run has"
         )
     return dict(torch.load(extra_file, weights_only=False))

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from layerwise.schedules import SCHEDULE_NAMES, generate
 from layerwise.simulate import Costs, simulate
@@ -16,7 +17,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p = sub.add_parser(
         "simulate",
         help="predict each worker's busy and idle time for a schedule",
-        description="Simulate one training step of a pipeline schedule and show where workers idle.",
+        description="Simulate one step of a pipeline schedule and show where workers idle.",
     )
     p.add_argument("--workers", "-p", type=int, default=4, help="pipeline workers (default 4)")
     p.add_argument(
@@ -119,7 +120,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.schedule_file:
         from layerwise.schedules import from_csv, from_text
 
-        text = open(args.schedule_file).read()
+        text = Path(args.schedule_file).read_text()
         schedule = from_text(text) if "worker" in text else from_csv(text)
         tl = _simulate_schedule(schedule, args)
         ideal = schedule.num_microbatches * (args.fwd + args.bwd)
@@ -138,7 +139,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             tl,
             args.width,
             title=(
-                f"{tl.meta['schedule']}: {args.workers} workers, {tl.meta['microbatches']} micro-batches "
+                f"{tl.meta['schedule']}: {args.workers} workers, "
+                f"{tl.meta['microbatches']} micro-batches "
                 f"(F=forward, B=backward, I/W=input/weight gradient, '.'=idle)"
             ),
         )

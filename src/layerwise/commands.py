@@ -41,14 +41,25 @@ def add_parsers(sub: Any) -> None:
     from layerwise.train import TrainConfig
 
     defaults = TrainConfig()
-    p = sub.add_parser("train", help="train a GPT decoder split layer-wise over workers",
-                       description="Train a transformer decoder layer-wise across worker processes.")
+    p = sub.add_parser(
+        "train",
+        help="train a GPT decoder split layer-wise over workers",
+        description="Train a transformer decoder layer-wise across worker processes.",
+    )
     for name, (kind, text) in _FLAGS.items():
         default = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"{text} (default: {default})")
-    p.add_argument("--tie-embeddings", action="store_true", default=None,
-                   help="share the token embedding with the output head")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"{text} (default: {default})",
+        )
+    p.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        default=None,
+        help="share the token embedding with the output head",
+    )
     p.add_argument("--run-dir", help="where the run is written (default: runs/<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.set_defaults(func=run_train)
@@ -71,7 +82,9 @@ def add_parsers(sub: Any) -> None:
 def _config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     from layerwise.train import TrainConfig
 
-    given = {k: getattr(args, k) for k in [*_FLAGS, "tie_embeddings"] if getattr(args, k) is not None}
+    given = {
+        k: getattr(args, k) for k in [*_FLAGS, "tie_embeddings"] if getattr(args, k) is not None
+    }
     if args.resume:
         run_dir = Path(args.resume)
         saved = json.loads((run_dir / "config.json").read_text())
@@ -95,11 +108,16 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run_dir)
     if not under_torchrun():
         if not resume and (run_dir / "metrics.jsonl").exists():
-            raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir")
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"layerwise train: {cfg.workers} workers, schedule {cfg.schedule}, "
-              f"{cfg.microbatches} micro-batches; run directory {run_dir}", flush=True)
+        print(
+            f"layerwise train: {cfg.workers} workers, schedule {cfg.schedule}, "
+            f"{cfg.microbatches} micro-batches; run directory {run_dir}",
+            flush=True,
+        )
         # workers read everything from config.json: one source of truth for every rank
         return relaunch(cfg.workers, ["train", "--resume", str(run_dir)])
     if not args.run_dir and not resume:  # every rank must agree on the directory
@@ -113,9 +131,20 @@ def run_generate(args: argparse.Namespace) -> int:
 
     cfg = json.loads((Path(args.run_dir) / "config.json").read_text())
     if not under_torchrun():
-        argv = ["generate", args.run_dir, "--prompt", args.prompt, "--tokens", str(args.tokens),
-                "--temperature", str(args.temperature), "--top-k", str(args.top_k),
-                "--seed", str(args.seed)]
+        argv = [
+            "generate",
+            args.run_dir,
+            "--prompt",
+            args.prompt,
+            "--tokens",
+            str(args.tokens),
+            "--temperature",
+            str(args.temperature),
+            "--top-k",
+            str(args.top_k),
+            "--seed",
+            str(args.seed),
+        ]
         return relaunch(int(cfg["workers"]), argv)
     return main_worker(args)
 

@@ -34,37 +34,55 @@ def _stage_times(tl: Timeline, num_stages: int) -> tuple[list[float], list[float
 
 
 def _predict(name: str, p: int, m: int, v: int, fwd: list[float], bwd: list[float]) -> float:
-    """Predicted step time of schedule ``name`` with per-worker costs fwd/bwd split into v chunks."""
+    """Return the predicted step time of ``name`` with per-worker costs split into v chunks."""
     sched = generate(name, p, m, v)
     f = [fwd[s % p] / v for s in range(p * v)]
     b = [bwd[s % p] / v for s in range(p * v)]
     return simulate(sched, Costs.per_stage(f, b)).makespan()
 
 
-def suggestions(cfg: dict[str, Any], fwd: list[float], bwd: list[float], current: float) -> list[dict[str, Any]]:
+def suggestions(
+    cfg: dict[str, Any], fwd: list[float], bwd: list[float], current: float
+) -> list[dict[str, Any]]:
     """Alternatives with their predicted step time, fastest first."""
     p, m = int(cfg["workers"]), int(cfg["microbatches"])
     out: list[dict[str, Any]] = []
 
     def add(change: str, predicted: float, why: str) -> None:
-        out.append({"change": change, "predicted_step_s": predicted,
-                    "speedup": current / predicted if predicted > 0 else 1.0, "why": why})
+        out.append(
+            {
+                "change": change,
+                "predicted_step_s": predicted,
+                "speedup": current / predicted if predicted > 0 else 1.0,
+                "why": why,
+            }
+        )
 
     if len(fwd) == p:
         batch = int(cfg["batch_size"])
         if 2 * m <= batch and batch % (2 * m) == 0:
-            add(f"--microbatches {2 * m}", _predict(cfg["schedule"], p, 2 * m, 1,
-                [f / 2 for f in fwd], [b / 2 for b in bwd]),
-                "smaller micro-batches shrink the fill and drain bubble (p-1)/(m+p-1)")
+            add(
+                f"--microbatches {2 * m}",
+                _predict(cfg["schedule"], p, 2 * m, 1, [f / 2 for f in fwd], [b / 2 for b in bwd]),
+                "smaller micro-batches shrink the fill and drain bubble (p-1)/(m+p-1)",
+            )
         if cfg["schedule"] != "1f1b":
-            add("--schedule 1f1b", _predict("1f1b", p, m, 1, fwd, bwd),
-                "1F1B overlaps workers and holds at most p micro-batches' activations")
+            add(
+                "--schedule 1f1b",
+                _predict("1f1b", p, m, 1, fwd, bwd),
+                "1F1B overlaps workers and holds at most p micro-batches' activations",
+            )
         if m % p == 0 and int(cfg["layers"]) + 2 >= 2 * p:
-            add("--schedule interleaved-1f1b --chunks 2",
+            add(
+                "--schedule interleaved-1f1b --chunks 2",
                 _predict("interleaved-1f1b", p, m, 2, fwd, bwd),
-                "two chunks per worker halve the bubble at twice the point-to-point traffic")
-        add("--schedule zb-h1", _predict("zb-h1", p, m, 1, fwd, bwd),
-            "deferred weight gradients fill the cool-down bubble at 1F1B's memory")
+                "two chunks per worker halve the bubble at twice the point-to-point traffic",
+            )
+        add(
+            "--schedule zb-h1",
+            _predict("zb-h1", p, m, 1, fwd, bwd),
+            "deferred weight gradients fill the cool-down bubble at 1F1B's memory",
+        )
         # rebalance: spread each stage's measured time evenly over its layers, re-partition
         layer_costs: list[float] = []
         sizes = _sizes(cfg, p)
@@ -74,14 +92,26 @@ def suggestions(cfg: dict[str, Any], fwd: list[float], bwd: list[float], current
         if part.sizes != sizes:
             per = part.stage_costs(layer_costs)
             ratio = [c / (fwd[s] + bwd[s]) if fwd[s] + bwd[s] else 1.0 for s, c in enumerate(per)]
-            add(f"--balance {','.join(map(str, part.sizes))}",
-                _predict(cfg["schedule"], p, m, 1, [f * r for f, r in zip(fwd, ratio, strict=True)],
-                         [b * r for b, r in zip(bwd, ratio, strict=True)]),
-                "rebalances layers by measured time so no stage waits on a slower one")
+            add(
+                f"--balance {','.join(map(str, part.sizes))}",
+                _predict(
+                    cfg["schedule"],
+                    p,
+                    m,
+                    1,
+                    [f * r for f, r in zip(fwd, ratio, strict=True)],
+                    [b * r for b, r in zip(bwd, ratio, strict=True)],
+                ),
+                "rebalances layers by measured time so no stage waits on a slower one",
+            )
         if cfg.get("checkpoint", "never") == "never":
-            add("--checkpoint always (only if memory-bound)",
-                _predict(cfg["schedule"], p, m, 1, fwd, [b + f for f, b in zip(fwd, bwd, strict=True)]),
-                "recomputing each forward during backward frees stashed activations but costs time")
+            add(
+                "--checkpoint always (only if memory-bound)",
+                _predict(
+                    cfg["schedule"], p, m, 1, fwd, [b + f for f, b in zip(fwd, bwd, strict=True)]
+                ),
+                "recomputing each forward during backward frees stashed activations but costs time",
+            )
     return sorted(out, key=lambda s: s["predicted_step_s"])
 
 
@@ -108,15 +138,23 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     steps = [r["step_time"] for r in metrics if "step_time" in r]
     return {
         "run_dir": str(run_dir),
-        "config": {k: cfg[k] for k in ("workers", "schedule", "microbatches", "chunks", "layers", "checkpoint")},
+        "config": {
+            k: cfg[k]
+            for k in ("workers", "schedule", "microbatches", "chunks", "layers", "checkpoint")
+        },
         "steps": len(metrics),
         "median_step_s": statistics.median(steps) if steps else None,
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "final_val_loss": next((r["val_loss"] for r in reversed(metrics) if "val_loss" in r), None),
         "workers": [
-            {"worker": w, "busy_s": measured.busy(w), "idle_s": measured.idle(w),
-             "idle_fraction": measured.idle_fraction(w), "comm_wait_s": measured.comm_wait(w),
-             "predicted_idle_fraction": simulated.idle_fraction(w)}
+            {
+                "worker": w,
+                "busy_s": measured.busy(w),
+                "idle_s": measured.idle(w),
+                "idle_fraction": measured.idle_fraction(w),
+                "comm_wait_s": measured.comm_wait(w),
+                "predicted_idle_fraction": simulated.idle_fraction(w),
+            }
             for w in range(measured.num_workers)
         ],
         "stage_seconds": totals,
@@ -128,9 +166,14 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         "nonfinite_steps": [r["step"] for r in metrics if "skipped" in r],
         "loss_spikes": [{"step": r["step"], "what": r["spike"]} for r in metrics if "spike" in r],
         "suggestions": (
-            suggestions({**cfg, "stage_sizes": measured.meta.get("stage_sizes")}, fwd, bwd,
-                        measured.makespan())
-            if stages == measured.num_workers else []
+            suggestions(
+                {**cfg, "stage_sizes": measured.meta.get("stage_sizes")},
+                fwd,
+                bwd,
+                measured.makespan(),
+            )
+            if stages == measured.num_workers
+            else []
         ),
         "chart": render_ascii(measured, 80),
     }
@@ -139,28 +182,50 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """Return the report as text for a terminal."""
     c = report["config"]
-    lines = [f"run {report['run_dir']}: {c['workers']} workers, {c['schedule']}, "
-             f"{c['microbatches']} micro-batches, {report['steps']} steps, final loss "
-             f"{report['final_loss']:.3f}" + (f", val {report['final_val_loss']:.3f}" if report["final_val_loss"] else ""),
-             "", "last step, measured ('~' = waiting on a peer, '.' = idle):", report["chart"], "",
-             f"{'worker':<8}{'busy s':>9}{'idle s':>9}{'idle %':>8}{'predicted':>11}{'comm wait s':>13}"]
+    lines = [
+        f"run {report['run_dir']}: {c['workers']} workers, {c['schedule']}, "
+        f"{c['microbatches']} micro-batches, {report['steps']} steps, final loss "
+        f"{report['final_loss']:.3f}"
+        + (f", val {report['final_val_loss']:.3f}" if report["final_val_loss"] else ""),
+        "",
+        "last step, measured ('~' = waiting on a peer, '.' = idle):",
+        report["chart"],
+        "",
+        f"{'worker':<8}{'busy s':>9}{'idle s':>9}{'idle %':>8}{'predicted':>11}{'comm wait s':>13}",
+    ]
     for w in report["workers"]:
-        lines.append(f"{w['worker']:<8}{w['busy_s']:>9.4f}{w['idle_s']:>9.4f}{100 * w['idle_fraction']:>7.1f}%"
-                     f"{100 * w['predicted_idle_fraction']:>10.1f}%{w['comm_wait_s']:>13.4f}")
-    lines += ["", f"stage imbalance (slowest stage / mean): {report['imbalance']:.2f}"
-              + ("  <- uneven stages: rebalance" if report["imbalance"] > 1.15 else ""),
-              f"bubble: measured {100 * report['measured_bubble']:.1f}%, predicted "
-              f"{100 * report['predicted_bubble']:.1f}%; step {report['measured_step_s']:.4f}s measured, "
-              f"{report['predicted_step_s']:.4f}s predicted from the measured stage times"]
-    gap = report["measured_step_s"] / report["predicted_step_s"] if report["predicted_step_s"] else 1.0
+        lines.append(
+            f"{w['worker']:<8}{w['busy_s']:>9.4f}{w['idle_s']:>9.4f}"
+            f"{100 * w['idle_fraction']:>7.1f}%"
+            f"{100 * w['predicted_idle_fraction']:>10.1f}%{w['comm_wait_s']:>13.4f}"
+        )
+    lines += [
+        "",
+        f"stage imbalance (slowest stage / mean): {report['imbalance']:.2f}"
+        + ("  <- uneven stages: rebalance" if report["imbalance"] > 1.15 else ""),
+        f"bubble: measured {100 * report['measured_bubble']:.1f}%, predicted "
+        f"{100 * report['predicted_bubble']:.1f}%; step {report['measured_step_s']:.4f}s measured, "
+        f"{report['predicted_step_s']:.4f}s predicted from the measured stage times",
+    ]
+    gap = (
+        report["measured_step_s"] / report["predicted_step_s"]
+        if report["predicted_step_s"]
+        else 1.0
+    )
     if gap > 1.1:
-        lines.append(f"  measured step is {gap:.2f}x the prediction: time goes to communication "
-                     f"or contention the schedule does not show (see comm wait)")
-    lines.append(f"non-finite steps: {report['nonfinite_steps'] or 'none'}; loss spikes: "
-                 f"{[s['step'] for s in report['loss_spikes']] or 'none'}")
+        lines.append(
+            f"  measured step is {gap:.2f}x the prediction: time goes to communication "
+            f"or contention the schedule does not show (see comm wait)"
+        )
+    lines.append(
+        f"non-finite steps: {report['nonfinite_steps'] or 'none'}; loss spikes: "
+        f"{[s['step'] for s in report['loss_spikes']] or 'none'}"
+    )
     if report["suggestions"]:
         lines += ["", "suggestions (predicted by the simulator from the measured stage times):"]
         for i, s in enumerate(report["suggestions"], 1):
-            lines.append(f"  {i}. {s['change']:<42} step {s['predicted_step_s']:.4f}s "
-                         f"({s['speedup']:.2f}x): {s['why']}")
+            lines.append(
+                f"  {i}. {s['change']:<42} step {s['predicted_step_s']:.4f}s "
+                f"({s['speedup']:.2f}x): {s['why']}"
+            )
     return "\n".join(lines)

@@ -26,17 +26,26 @@ def relaunch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> 
 
     # share the cores between workers (and keep torchrun from warning that it does so)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = get_args_parser().parse_args([
-        "--standalone",
-        "--nproc-per-node", str(nproc),
-        "--monitor-interval", str(monitor_interval),
-        "-m", "layerwise", *argv,
-    ])
+    args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "--monitor-interval",
+            str(monitor_interval),
+            "-m",
+            "layerwise",
+            *argv,
+        ]
+    )
     try:
         run(args)
     except ChildFailedError as err:
-        print(describe_failures({r: f.exitcode for r, f in err.failures.items()}),
-              file=sys.stderr, flush=True)
+        print(
+            describe_failures({r: f.exitcode for r, f in err.failures.items()}),
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except KeyboardInterrupt:
         print("layerwise: interrupted; workers stopped", file=sys.stderr)
@@ -54,9 +63,19 @@ def describe_failures(exitcodes: dict[int, int]) -> str:
     parts = [f"worker {r} was killed by {signal.Signals(-exitcodes[r]).name}" for r in killed]
     parts += [f"worker {r} exited with code {exitcodes[r]}" for r in failed]
     if stopped:
-        parts.append(f"worker{'s' if len(stopped) > 1 else ''} "
-                     f"{', '.join(map(str, stopped))} stopped by the launcher")
-    cause = (f"lost worker {killed[0]}" if killed
-             else f"worker {failed[0]} failed" if failed else "workers stopped")
-    return (f"layerwise: {cause}: " + "; ".join(parts)
-            + ". The remaining workers were stopped; each worker's own report is above.")
+        parts.append(
+            f"worker{'s' if len(stopped) > 1 else ''} "
+            f"{', '.join(map(str, stopped))} stopped by the launcher"
+        )
+    cause = (
+        f"lost worker {killed[0]}"
+        if killed
+        else f"worker {failed[0]} failed"
+        if failed
+        else "workers stopped"
+    )
+    return (
+        f"layerwise: {cause}: "
+        + "; ".join(parts)
+        + ". The remaining workers were stopped; each worker's own report is above."
+    )

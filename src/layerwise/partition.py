@@ -12,7 +12,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 
 class PartitionError(ValueError):
@@ -79,17 +79,17 @@ class Partition:
                 f"stage sizes {sizes} sum to {sum(sizes)}, but the model has {num_layers} layers"
             )
         bounds = [0, *accumulate(sizes)]
-        return Partition(tuple(range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)))
+        return Partition(tuple(range(a, b) for a, b in pairwise(bounds)))
 
     @staticmethod
     def from_boundaries(boundaries: Sequence[int], num_layers: int) -> Partition:
         """Build from the first layer of every stage after the first, e.g. ``[3, 6, 9]``."""
         points = [0, *boundaries, num_layers]
-        if any(b <= a for a, b in zip(points, points[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(points)):
             raise PartitionError(
                 f"boundaries {list(boundaries)} must increase strictly within 1..{num_layers - 1}"
             )
-        return Partition(tuple(range(a, b) for a, b in zip(points, points[1:], strict=False)))
+        return Partition(tuple(range(a, b) for a, b in pairwise(points)))
 
     @staticmethod
     def from_assignment(
@@ -183,7 +183,7 @@ def partition(costs: Sequence[float], num_stages: int) -> Partition:
         bounds.append(cut[k][bounds[-1]])
     bounds.append(0)
     bounds.reverse()
-    return Partition(tuple(range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)))
+    return Partition(tuple(range(a, b) for a, b in pairwise(bounds)))
 
 
 def uniform(num_layers: int, num_stages: int) -> Partition:

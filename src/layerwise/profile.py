@@ -12,15 +12,15 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from layerwise.partition import Partition, PartitionError, partition, uniform
 
-LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
-Balance = Union[str, Sequence[int], Partition]
+LayerSpec = nn.Module | Callable[[], nn.Module]
+Balance = str | Sequence[int] | Partition
 BALANCE_MODES = ("uniform", "params", "time", "memory")
 
 

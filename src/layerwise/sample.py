@@ -42,9 +42,17 @@ def main_worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     try:
         gpt = cfg.gpt()
-        pipe = Pipeline(gpt_layers(gpt), schedule="gpipe", microbatches=1, loss_fn=loss_fn,
-                        balance=parse_balance(cfg.balance), chunks=None, tied=tied_parameter_names(gpt),
-                        timeout=cfg.timeout, seed=cfg.seed)
+        pipe = Pipeline(
+            gpt_layers(gpt),
+            schedule="gpipe",
+            microbatches=1,
+            loss_fn=loss_fn,
+            balance=parse_balance(cfg.balance),
+            chunks=None,
+            tied=tied_parameter_names(gpt),
+            timeout=cfg.timeout,
+            seed=cfg.seed,
+        )
         path = ckpt.latest(run_dir / "checkpoints")
         if path is None:
             raise FileNotFoundError(f"{run_dir} has no checkpoint yet")

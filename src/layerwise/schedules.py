@@ -136,7 +136,7 @@ def naive(num_workers: int, num_microbatches: int = 1) -> Schedule:
     """
     _check_sizes(num_workers, num_microbatches)
     lists = [
-        [Action(w, k, m) for m in range(num_microbatches) for k in ("F", "B")]  # type: ignore[misc]
+        [Action(w, k, m) for m in range(num_microbatches) for k in ("F", "B")]
         for w in range(num_workers)
     ]
     return _plain("naive", num_workers, num_microbatches, lists)
@@ -231,9 +231,10 @@ def zb_h1(num_workers: int, num_microbatches: int) -> Schedule:
     The order is built by list scheduling on unit costs (F = I = W = 1): a free worker runs a
     ready F while fewer than ``p - w`` of its micro-batches await their I (1F1B's warm-up)
     and fewer than ``p`` await their W (1F1B's peak memory, as in the paper); else a ready I;
-    else its oldest pending W. (Trying I before F leaves the first worker idle in the
-    cool-down: its last forward leaves too late for the gradients to come back in time.) Later workers thus defer their W into the cool-down
-    that 1F1B leaves idle, which cuts the bubble to about a third of 1F1B's when F = I = W.
+    else its oldest pending W. Later workers thus defer their W into the cool-down that 1F1B
+    leaves idle, which cuts the bubble to about a third of 1F1B's when F = I = W. (Trying I
+    before F leaves the first worker idle in the cool-down: its last forward then leaves too
+    late for the gradients to come back in time.)
     """
     _check_sizes(num_workers, num_microbatches)
     p, m = num_workers, num_microbatches
@@ -375,13 +376,13 @@ def _check_structure(schedule: Schedule) -> None:
                     "a micro-batch's backward is either one B or an I and a W, not both",
                 )
             if not has["B"] and not (has["I"] and has["W"]):
-                missing = "B" if not (has["I"] or has["W"]) else ("W" if has["I"] else "I")
+                missing: Kind = "B" if not (has["I"] or has["W"]) else ("W" if has["I"] else "I")
                 raise _fail(
                     w,
                     len(schedule.actions[w]),
                     None,
                     f"{Action(s, missing, mb).describe()} is missing",
-                )  # type: ignore[arg-type]
+                )
         split = {Action(s, "I", mb) in seen for mb in range(m)}
         if len(split) > 1:
             raise _fail(w, 0, None, f"stage {s} mixes B and I/W backwards across micro-batches")

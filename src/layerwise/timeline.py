@@ -175,8 +175,8 @@ def render_ascii(timeline: Timeline, width: int = 96, title: str | None = None) 
     for w in range(timeline.num_workers):
         row = ["."] * width
         for e in timeline.worker_events(w):
-            a = min(width - 1, int(round((e.start - t0) * scale)))
-            b = max(a + 1, min(width, int(round((e.end - t0) * scale))))
+            a = min(width - 1, round((e.start - t0) * scale))
+            b = max(a + 1, min(width, round((e.end - t0) * scale)))
             if e.kind == "wait":
                 fill = "~" * (b - a)
             elif e.kind in COMPUTE_KINDS:

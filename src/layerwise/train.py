@@ -62,13 +62,30 @@ class TrainConfig:
     timeout: float = 120.0
 
     def gpt(self) -> GPTConfig:
-        return GPTConfig(seq_len=self.seq_len, d_model=self.d_model, n_layers=self.layers,
-                         n_heads=self.heads, tie_embeddings=self.tie_embeddings, seed=self.seed)
+        return GPTConfig(
+            seq_len=self.seq_len,
+            d_model=self.d_model,
+            n_layers=self.layers,
+            n_heads=self.heads,
+            tie_embeddings=self.tie_embeddings,
+            seed=self.seed,
+        )
 
     def layout(self) -> dict[str, Any]:
         """The fields a resumed run must share with the saved one."""
-        keys = ("workers", "schedule", "microbatches", "chunks", "layers", "d_model", "heads",
-                "seq_len", "batch_size", "tie_embeddings", "balance")
+        keys = (
+            "workers",
+            "schedule",
+            "microbatches",
+            "chunks",
+            "layers",
+            "d_model",
+            "heads",
+            "seq_len",
+            "batch_size",
+            "tie_embeddings",
+            "balance",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -128,8 +145,11 @@ class RunLog:
     def __init__(self, run_dir: Path, resume_step: int) -> None:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # lines past the checkpoint belong to a run that was lost
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) < resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) < resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
 
@@ -157,20 +177,40 @@ def _setup(cfg: TrainConfig) -> tuple[int, int]:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the training job on this rank; return the final metrics."""
-    rank, world = _setup(cfg)
+    rank, _world = _setup(cfg)
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed + rank)
     gpt = cfg.gpt()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    pipe = Pipeline(gpt_layers(gpt), schedule=cfg.schedule, microbatches=cfg.microbatches,
-                    loss_fn=loss_fn, balance=parse_balance(cfg.balance), checkpoint=cfg.checkpoint,
-                    chunks=cfg.chunks, tied=tied_parameter_names(gpt), device=device,
-                    timeout=cfg.timeout, seed=cfg.seed, precision=cfg.precision)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if cfg.device == "cuda"
+        else torch.device("cpu")
+    )
+    pipe = Pipeline(
+        gpt_layers(gpt),
+        schedule=cfg.schedule,
+        microbatches=cfg.microbatches,
+        loss_fn=loss_fn,
+        balance=parse_balance(cfg.balance),
+        checkpoint=cfg.checkpoint,
+        chunks=cfg.chunks,
+        tied=tied_parameter_names(gpt),
+        device=device,
+        timeout=cfg.timeout,
+        seed=cfg.seed,
+        precision=cfg.precision,
+    )
     params = list(pipe.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     start = 0
     if resume:
         path = ckpt.latest(run_dir / "checkpoints")
@@ -181,10 +221,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         torch.set_rng_state(extra["rng"])
     batcher = val = None
     if pipe.is_first or pipe.is_last:
-        tokens = torch.frombuffer(bytearray(load_corpus(cfg.data, cfg.data_bytes)), dtype=torch.uint8).long()
+        tokens = torch.frombuffer(
+            bytearray(load_corpus(cfg.data, cfg.data_bytes)), dtype=torch.uint8
+        ).long()
         train_tokens, val_tokens = split(tokens, 0.1)
         batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-        val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(cfg.eval_batches)
+        val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(
+            cfg.eval_batches
+        )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
@@ -205,8 +249,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             nonfinite += 1
             record["skipped"] = "non-finite loss or gradient"
             if nonfinite >= cfg.max_nonfinite:
-                raise FloatingPointError(f"{nonfinite} non-finite steps in a row (last: step {step}); "
-                                         f"try a lower --lr or --precision fp32")
+                raise FloatingPointError(
+                    f"{nonfinite} non-finite steps in a row (last: step {step}); "
+                    f"try a lower --lr or --precision fp32"
+                )
         else:
             nonfinite = 0
             scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
@@ -222,16 +268,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         pipe.zero_grad()
         measured = pipe.timeline()
         elapsed = time.perf_counter() - t0
-        record.update(step_time=elapsed, tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
-                      idle=measured.bubble_fraction())
+        record.update(
+            step_time=elapsed,
+            tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
+            idle=measured.bubble_fraction(),
+        )
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_interval == 0 or last:
-            losses = [pipe.evaluate(vx if pipe.is_first else None, vy if pipe.is_last else None)
-                      for vx, vy in (val or [(None, None)] * cfg.eval_batches)]
+            losses = [
+                pipe.evaluate(vx if pipe.is_first else None, vy if pipe.is_last else None)
+                for vx, vy in (val or [(None, None)] * cfg.eval_batches)
+            ]
             record["val_loss"] = sum(losses) / len(losses)
         if (step + 1) % cfg.save_interval == 0 or last:
-            ckpt.save(run_dir / "checkpoints", step + 1, pipe.module(), opt,
-                      {"step": step + 1, "rng": torch.get_rng_state()})
+            ckpt.save(
+                run_dir / "checkpoints",
+                step + 1,
+                pipe.module(),
+                opt,
+                {"step": step + 1, "rng": torch.get_rng_state()},
+            )
         if log is not None and bar is not None:
             log.write(record)
             _update_progress(bar, record)
@@ -246,23 +302,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
-    (run_dir / "timeline.json").write_text(json.dumps({"measured": measured.to_json(),
-                                                        "simulated": twin.to_json()}))
-    render_png([measured, twin], run_dir / "timeline.png",
-               titles=["measured (last step)", "simulated with the measured stage times"])
+    (run_dir / "timeline.json").write_text(
+        json.dumps({"measured": measured.to_json(), "simulated": twin.to_json()})
+    )
+    render_png(
+        [measured, twin],
+        run_dir / "timeline.png",
+        titles=["measured (last step)", "simulated with the measured stage times"],
+    )
     write_chrome_trace([measured, twin], run_dir / "trace.json")
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.workers} workers {cfg.schedule}",
-                unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=f"{cfg.workers} workers {cfg.schedule}",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def _update_progress(bar: Any, record: dict[str, Any]) -> None:
-    post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
-            "idle": f"{100 * record['idle']:.0f}%"}
+    post = {
+        "loss": f"{record['loss']:.3f}",
+        "tok/s": f"{record['tokens_per_s']:.0f}",
+        "idle": f"{100 * record['idle']:.0f}%",
+    }
     if "val_loss" in record:
         bar.write(f"step {record['step'] + 1}: val loss {record['val_loss']:.3f}")
     for key in ("skipped", "spike"):

@@ -40,7 +40,8 @@ def _split(value: Any, m: int) -> list[Any]:
     for t in tensors:
         if t.shape[0] != rows:
             raise ValueError(
-                f"all tensors of a batch need the same first dimension ({rows}), got {tuple(t.shape)}"
+                f"all tensors of a batch need the same first dimension ({rows}), "
+                f"got {tuple(t.shape)}"
             )
     pieces = [torch.tensor_split(t, m) for t in tensors]
     return [map_tensors(value, _indexer(pieces, i)) for i in range(m)]
@@ -128,7 +129,8 @@ class Pipeline:
             validate(schedule)
             if schedule.num_workers != self.num_workers:
                 raise ValueError(
-                    f"schedule is for {schedule.num_workers} workers but the group has {self.num_workers}"
+                    f"schedule is for {schedule.num_workers} workers but the group has "
+                    f"{self.num_workers}"
                 )
             return schedule
         v = chunks or (2 if schedule.startswith("interleaved") else 1)
@@ -138,7 +140,8 @@ class Pipeline:
         num_stages = self.schedule.num_stages
         if num_stages > len(specs):
             raise ValueError(
-                f"{len(specs)} layers cannot fill {num_stages} stages ({self.num_workers} workers x "
+                f"{len(specs)} layers cannot fill {num_stages} stages "
+                f"({self.num_workers} workers x "
                 f"{self.schedule.chunks} chunks): use at most {len(specs)} stages"
             )
         part = resolve_balance(specs, num_stages, balance, sample)
@@ -437,7 +440,11 @@ class Pipeline:
         """Return this worker's layers as one module keyed by global layer index, so that
         state dicts name parameters the same whatever the partition ('3.attn.q_proj.weight')."""
         return nn.ModuleDict(
-            {str(st.first_layer + i): layer for st in self.stages.values() for i, layer in enumerate(st.layers)}
+            {
+                str(st.first_layer + i): layer
+                for st in self.stages.values()
+                for i, layer in enumerate(st.layers)
+            }
         )
 
     def owns_tied_copy(self, param: nn.Parameter) -> bool:
@@ -461,7 +468,11 @@ class Pipeline:
             value[0] = float(self.loss_fn(out, targets))
         if self.num_workers > 1:
             src = self.schedule.stage_worker[-1]
-            dist.broadcast(value, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+            dist.broadcast(
+                value,
+                src=dist.get_global_rank(self.group, src) if self.group else src,
+                group=self.group,
+            )
         return float(value.item())
 
     # -- inference ----------------------------------------------------------------------------

@@ -71,8 +71,13 @@ class Stash:
 class Stage(nn.Module):
     """The consecutive layers ``first .. first + len(layers) - 1`` of the model."""
 
-    def __init__(self, index: int, first_layer: int, layers: list[nn.Module],
-                 amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        first_layer: int,
+        layers: list[nn.Module],
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.amp_dtype = amp_dtype
         self.index = index
