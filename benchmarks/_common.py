@@ -7,6 +7,7 @@ which puts this folder on ``sys.path``, also in the spawned worker processes).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -146,18 +147,31 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+_LOAD_AT_START = os.getloadavg()[0]
+
+
 def machine() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "cores": _cores(),
+        "loadavg_1min_start": _LOAD_AT_START,
+        "loadavg_1min_end": os.getloadavg()[0],
     }
 
 
-def _cores() -> int:
-    import os
+def machine_line() -> str:
+    """One line naming the machine and how busy it was (other jobs share its cores)."""
+    info = machine()
+    return (
+        f"machine: {info['cores']} cores ({info['cpu']}), CPU only, gloo, torch {info['torch']}; "
+        f"1-min load average {info['loadavg_1min_start']:.2f} at start, "
+        f"{info['loadavg_1min_end']:.2f} at end"
+    )
 
+
+def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -178,7 +192,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    print("\n" + machine_line())
     if path:
         payload = {"machine": machine(), **payload}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {path}")

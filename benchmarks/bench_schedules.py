@@ -23,6 +23,7 @@ import torch
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
 from layerwise.runtime.launch import run_workers
+from layerwise.schedules import Action, dependencies
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 
@@ -68,6 +69,31 @@ def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> l
     return lw.simulate(sched, costs)
 
 
+def handoff_latencies(schedule: str, p: int, m: int, tl: lw.Timeline) -> list[float]:
+    """Delays from a remote dependency's end to the start of the action waiting for it.
+
+    Only actions whose worker was idle when the dependency finished count (otherwise the
+    worker was busy and the delay is not the hand-off's): this is the time a message takes
+    from one worker's compute to the next one's, including the receiver waking up.
+    """
+    sched = lw.generate(schedule, p, m, chunks_of(schedule))
+    ends = {(e.stage, e.kind, e.microbatch): e.end for e in tl.events if e.kind in "FBIW"}
+    out = []
+    for w in range(p):
+        prev_end = -1.0
+        for e in (e for e in tl.worker_events(w) if e.kind in ("F", "B", "I", "W")):
+            action = Action(e.stage, e.kind, e.microbatch)
+            remote = [
+                ends[(d.stage, d.kind, d.microbatch)]
+                for d in dependencies(action, sched)
+                if sched.stage_worker[d.stage] != w
+            ]
+            if remote and max(remote) >= prev_end:
+                out.append(e.start - max(remote))
+            prev_end = e.end
+    return out
+
+
 def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     results = []
@@ -100,6 +126,9 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
                         "bubble_measured": median([tl.bubble_fraction() for tl in measured]),
                         "calibrated_s": calibrated(schedule, world, m, measured).makespan(),
                         "peak_inflight_w0": measured[-1].peak_inflight(0),
+                        "handoff_s": median(
+                            [h for t in measured for h in handoff_latencies(schedule, world, m, t)]
+                        ),
                     }
                 )
     return results
@@ -137,6 +166,7 @@ def main() -> None:
                 f"{r['makespan_s'] * 1e3:.1f}",
                 f"{r['makespan_s'] / r['predicted_s']:.3f}",
                 f"{r['calibrated_s'] * 1e3:.1f}",
+                f"{r['handoff_s'] * 1e3:.2f}",
                 f"{r['bubble_predicted']:.3f} / {r['bubble_measured']:.3f}",
             ]
         )
@@ -156,6 +186,7 @@ def main() -> None:
                 "makespan ms",
                 "makespan / pred",
                 "calibrated pred ms",
+                "hand-off ms",
                 "bubble pred / meas",
             ],
             rows,

@@ -298,3 +298,64 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
         train(TrainConfig(**base, run_dir=f"{run_root}/resumed"), resume=True)
         out["resumed"] = cut.run_dir
     return out
+
+
+def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, Any]:
+    """A tied GPT on a (dp, pp, tp) mesh: loss and every gradient equal to single-process
+    training on the same global batch, for 1F1B and ZB-H1; tied copies stay identical."""
+    from torch.distributed.tensor import DTensor
+
+    from layerwise.parallel.data import GradReducer
+    from layerwise.parallel.mesh import Layout, build_mesh
+    from layerwise.parallel.tensor import tensor_parallel
+
+    layout = Layout(dp=dp, pp=pp, tp=tp)
+    mesh = build_mesh(layout)
+    dp_rank = layout.coords(rank)[0]
+    cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=5)
+    tokens = torch.randint(0, 256, (8, 9), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    model = build_gpt(cfg)
+    ref = loss_fn(model(x), y)
+    ref.backward()
+    ref_grads = {
+        f"{i}.{k}": p.grad.clone()
+        for i, layer in enumerate(model)
+        for k, p in layer.named_parameters()
+    }
+    ref_grads[f"{cfg.n_layers + 1}.lm_head.weight"] = ref_grads["0.tok.weight"]
+    rows = x.shape[0] // dp
+    mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
+    results: dict[str, Any] = {}
+    for schedule in ("1f1b", "zb-h1"):
+        pipe = lw.Pipeline(
+            gpt_layers(cfg),
+            schedule=schedule,
+            microbatches=2,
+            loss_fn=loss_fn,
+            tied=tied_parameter_names(cfg),
+            group=mesh["pp"].get_group(),
+            parallelize=lambda i, m: tensor_parallel(m, mesh["tp"]),
+            grad_reducer=GradReducer(mesh["dp"].get_group()) if dp > 1 else None,
+        )
+        loss = pipe.train_step(
+            x[mine] if pipe.is_first else None, y[mine] if pipe.is_last else None
+        )
+        total = torch.tensor([loss])
+        torch.distributed.all_reduce(total, group=mesh["dp"].get_group())
+        errors = []
+        if abs(total.item() / dp - ref.item()) > 1e-5:
+            errors.append(f"loss {total.item() / dp} != {ref.item()}")
+        sharded = 0
+        for name, p in pipe.named_parameters():
+            grad = p.grad
+            if isinstance(grad, DTensor):
+                sharded += any(pl.is_shard() for pl in grad.placements)
+                grad = grad.full_tensor()
+            try:
+                torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+            except AssertionError as err:
+                errors.append(f"{name}: {str(err).splitlines()[0]}")
+        results[schedule] = errors
+        results[f"{schedule} sharded"] = sharded
+    return results

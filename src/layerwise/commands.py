@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.launcher import relaunch, under_torchrun
+from layerwise.parallel.mesh import check_layout, describe_mesh
 
 _FLAGS: dict[str, tuple[type, str]] = {
-    "workers": (int, "pipeline workers (processes), one or more stages each"),
+    "workers": (int, "pipeline workers, one or more stages each (the pp degree; same as --pp)"),
+    "dp": (int, "data-parallel replicas of the pipeline"),
+    "tp": (int, "tensor-parallel workers per stage (split heads and MLP)"),
     "schedule": (str, "naive | gpipe | 1f1b | interleaved-1f1b | zb-h1"),
     "microbatches": (int, "micro-batches per step"),
     "chunks": (int, "stages per worker for interleaved-1f1b"),
@@ -54,6 +57,7 @@ def add_parsers(sub: Any) -> None:
             default=None,
             help=f"{text} (default: {default})",
         )
+    p.add_argument("--pp", dest="workers", type=int, help="pipeline degree (same as --workers)")
     p.add_argument(
         "--tie-embeddings",
         action="store_true",
@@ -97,6 +101,10 @@ def _config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
             )
         return dataclasses.replace(cfg, **given, run_dir=str(run_dir)), True
     cfg = TrainConfig(**given)
+    gpt = cfg.gpt()  # bad sizes fail here, before any process starts
+    check_layout(
+        cfg.parallel_layout(), None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total
+    )
     cfg.run_dir = args.run_dir or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     return cfg, False
 
@@ -113,13 +121,16 @@ def run_train(args: argparse.Namespace) -> int:
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        layout = cfg.parallel_layout()
         print(
-            f"layerwise train: {cfg.workers} workers, schedule {cfg.schedule}, "
+            f"layerwise train: {layout}, schedule {cfg.schedule}, "
             f"{cfg.microbatches} micro-batches; run directory {run_dir}",
             flush=True,
         )
+        if layout.world > layout.pp:
+            print(describe_mesh(layout), flush=True)
         # workers read everything from config.json: one source of truth for every rank
-        return relaunch(cfg.workers, ["train", "--resume", str(run_dir)])
+        return relaunch(cfg.parallel_layout().world, ["train", "--resume", str(run_dir)])
     if not args.run_dir and not resume:  # every rank must agree on the directory
         cfg.run_dir = f"runs/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     fresh = not resume or not (run_dir / "checkpoints" / "latest.json").exists()

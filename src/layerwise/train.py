@@ -18,10 +18,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from layerwise import checkpoint as ckpt
 from layerwise.data import Batcher, load_corpus, split
 from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
+from layerwise.parallel.data import GradReducer
+from layerwise.parallel.mesh import Layout, build_mesh, check_layout
+from layerwise.parallel.tensor import tensor_parallel
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
 from layerwise.simulate import Costs, simulate
@@ -32,7 +36,9 @@ from layerwise.timeline import Timeline, render_png, write_chrome_trace
 class TrainConfig:
     """Everything that defines a run; saved as config.json and reloaded by --resume."""
 
-    workers: int = 4
+    workers: int = 4  # the pipeline degree (pp)
+    dp: int = 1
+    tp: int = 1
     schedule: str = "1f1b"
     microbatches: int = 8
     chunks: int | None = None
@@ -71,10 +77,15 @@ class TrainConfig:
             seed=self.seed,
         )
 
+    def parallel_layout(self) -> Layout:
+        return Layout(dp=self.dp, pp=self.workers, tp=self.tp)
+
     def layout(self) -> dict[str, Any]:
         """The fields a resumed run must share with the saved one."""
         keys = (
             "workers",
+            "dp",
+            "tp",
             "schedule",
             "microbatches",
             "chunks",
@@ -102,14 +113,28 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def global_grad_norm(pipe: Pipeline) -> float:
-    """Return the L2 norm of every gradient across all stages (tied copies counted once)."""
-    total = torch.zeros(1, dtype=torch.float64)
+def global_grad_norm(pipe: Pipeline, groups: Groups) -> float:
+    """Return the L2 norm of the whole model's gradient: tensor-parallel shards summed,
+    replicated copies and tied copies counted once, all pipeline stages included."""
+    sharded = torch.zeros(1, dtype=torch.float64)
+    replicated = torch.zeros(1, dtype=torch.float64)
     for p in pipe.parameters():
-        if p.grad is not None and pipe.owns_tied_copy(p):
-            total += p.grad.detach().double().pow(2).sum()
-    if dist.is_initialized():
-        dist.all_reduce(total)
+        if p.grad is None or not pipe.owns_tied_copy(p):
+            continue
+        g = p.grad.detach()
+        if isinstance(g, DTensor):
+            squares = g.to_local().double().pow(2).sum()
+            if any(pl.is_shard() for pl in g.placements):
+                sharded += squares
+                continue
+            replicated += squares
+        else:
+            replicated += g.double().pow(2).sum()
+    total = sharded + replicated / groups.layout.tp  # each tp rank holds a replicated copy
+    if groups.layout.tp > 1:
+        dist.all_reduce(total, group=groups.tp)
+    if groups.layout.pp > 1:
+        dist.all_reduce(total, group=groups.pp)
     return float(total.sqrt().item())
 
 
@@ -158,29 +183,57 @@ class RunLog:
         self.file.flush()
 
 
-def _setup(cfg: TrainConfig) -> tuple[int, int]:
+@dataclass
+class Groups:
+    """This rank's place in the (dp, pp, tp) grid and the process groups along each axis."""
+
+    layout: Layout
+    rank: int
+    dp_rank: int
+    dp: dist.ProcessGroup | None
+    pp: dist.ProcessGroup | None
+    tp: dist.ProcessGroup | None
+    tp_mesh: Any
+
+
+def _setup(cfg: TrainConfig) -> Groups:
+    layout = cfg.parallel_layout()
+    gpt = cfg.gpt()
+    check_layout(layout, None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
     if not dist.is_initialized():
-        backend = "nccl" if cfg.device == "cuda" else "gloo"
         from datetime import timedelta
 
+        backend = "nccl" if cfg.device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != cfg.workers:
-        raise ValueError(f"--workers {cfg.workers} but the job has {world} processes")
+    check_layout(layout, world, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
     if cfg.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     cores = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, cores // local))  # workers on one machine share its cores
-    return rank, world
+    if layout.dp == layout.tp == 1:  # a plain pipeline: the whole world is the pipeline
+        return Groups(layout, rank, 0, None, None, None, None)
+    mesh = build_mesh(layout, "cuda" if cfg.device == "cuda" else "cpu")
+    return Groups(
+        layout,
+        rank,
+        layout.coords(rank)[0],
+        mesh["dp"].get_group(),
+        mesh["pp"].get_group(),
+        mesh["tp"].get_group(),
+        mesh["tp"],
+    )
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) the training job on this rank; return the final metrics."""
-    rank, _world = _setup(cfg)
+    groups = _setup(cfg)
+    rank = groups.rank
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed + rank)
     gpt = cfg.gpt()
+    tp_mesh = groups.tp_mesh
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if cfg.device == "cuda"
@@ -199,6 +252,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         timeout=cfg.timeout,
         seed=cfg.seed,
         precision=cfg.precision,
+        group=groups.pp,
+        parallelize=(lambda i, m: tensor_parallel(m, tp_mesh)) if tp_mesh is not None else None,
+        grad_reducer=GradReducer(groups.dp) if groups.layout.dp > 1 and groups.dp else None,
     )
     params = list(pipe.parameters())
     decay = [p for p in params if p.dim() >= 2]
@@ -241,9 +297,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     measured = None
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        x, y = batcher.get_batch(step) if batcher is not None else (None, None)
+        x, y = (
+            batcher.get_batch(step, groups.dp_rank, groups.layout.dp)
+            if batcher is not None
+            else (None, None)
+        )
         loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
-        norm = global_grad_norm(pipe)
+        if groups.layout.dp > 1:  # each replica saw its share of the batch: report the mean
+            mean = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(mean, group=groups.dp)
+            loss = float(mean.item()) / groups.layout.dp
+        norm = global_grad_norm(pipe, groups)
         record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, step)}
         if not (math.isfinite(loss) and math.isfinite(norm)):
             nonfinite += 1
@@ -313,13 +377,20 @@ def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
     write_chrome_trace([measured, twin], run_dir / "trace.json")
 
 
+def _layout_label(cfg: TrainConfig) -> str:
+    layout = cfg.parallel_layout()
+    if layout.world == layout.pp:
+        return f"{layout.pp} workers {cfg.schedule}"
+    return f"dp{layout.dp} pp{layout.pp} tp{layout.tp} {cfg.schedule}"
+
+
 def _progress(cfg: TrainConfig, start: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(
         total=cfg.steps,
         initial=start,
-        desc=f"{cfg.workers} workers {cfg.schedule}",
+        desc=_layout_label(cfg),
         unit="step",
         dynamic_ncols=True,
     )

@@ -25,6 +25,7 @@ from layerwise.timeline import Event, Timeline
 CHECKPOINT_MODES = ("never", "always", "except_last")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 LOOKAHEAD = 2  # receives posted this many actions ahead of need
+TIE_TAG = 2**30  # tags above every activation and gradient tag
 
 TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
 
@@ -66,6 +67,10 @@ class Pipeline:
     (layer, name, layer, name); their gradients are summed across the workers that hold them.
     ``timeout``: seconds any wait on a peer may take before raising.
     ``precision``: ``fp32``, or ``bf16`` (forward under bfloat16 autocast; fp32 weights).
+    ``parallelize``: called as ``fn(global_layer_index, module)`` on each layer this worker
+    builds, e.g. to shard it for tensor parallelism. ``grad_reducer``: an object with
+    ``stage_done(stage)`` (called right after a stage's last backward of the step) and
+    ``finish()`` (called at the end of the step), e.g. data-parallel gradient averaging.
     """
 
     def __init__(
@@ -84,6 +89,8 @@ class Pipeline:
         seed: int = 0,
         sample: Any = None,
         precision: str = "fp32",
+        parallelize: Callable[[int, nn.Module], nn.Module] | None = None,
+        grad_reducer: Any = None,
     ) -> None:
         specs: list[LayerSpec] = (
             list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
@@ -104,6 +111,8 @@ class Pipeline:
         self.loss_fn = loss_fn
         self.checkpoint = checkpoint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.parallelize = parallelize
+        self.grad_reducer = grad_reducer
         self.stages: dict[int, Stage] = {
             s: self._build_stage(s, specs, seed) for s in self.schedule.stages_of(self.worker)
         }
@@ -118,7 +127,7 @@ class Pipeline:
         )
         self._events: list[Event] = []
         self._last_timeline: Timeline | None = None
-        self._tie_groups = self._setup_ties(tied, distributed)
+        self._ties = self._setup_ties(tied)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -167,44 +176,34 @@ class Pipeline:
                     module = build_layer(spec)
                     if is_meta(module):
                         module = materialize(module, self.device)
-            built.append(module.to(self.device))
+            module = module.to(self.device)
+            if self.parallelize is not None:
+                module = self.parallelize(i, module)
+            built.append(module)
         return Stage(s, r.start, built, self.amp_dtype)
 
-    def _setup_ties(
-        self, tied: Sequence[TiedSpec], distributed: bool
-    ) -> list[tuple[list[nn.Parameter], Any]]:
-        """Share tied parameters; return (local copies, process group) per tie across workers."""
-        groups = []
+    def _setup_ties(self, tied: Sequence[TiedSpec]) -> list[Tie]:
+        """Share tied parameters: one object when both layers live here, else a Tie with the
+        peer worker. Ties talk point to point inside the pipeline group, so no extra process
+        group is needed and pipelines inside a larger mesh stay independent."""
+        ties = []
         for layer_a, name_a, layer_b, name_b in tied:
-            holders = sorted(
-                {self.schedule.stage_worker[self.partition.stage_of(x)] for x in (layer_a, layer_b)}
+            wa, wb = (
+                self.schedule.stage_worker[self.partition.stage_of(x)] for x in (layer_a, layer_b)
             )
-            local = [
-                self._param(layer, name) for layer, name in ((layer_a, name_a), (layer_b, name_b))
-            ]
-            found = [p for p in local if p is not None]
-            if len(holders) == 1:
-                if len(found) == 2:  # same worker: one Parameter object serves both layers
-                    self._set_param(layer_b, name_b, found[0])
+            pa, pb = self._param(layer_a, name_a), self._param(layer_b, name_b)
+            if wa == wb:
+                if pa is not None and pb is not None:  # one Parameter object serves both layers
+                    self._set_param(layer_b, name_b, pa)
                 continue
-            pg = (
-                dist.new_group(
-                    [dist.get_global_rank(self.group, w) if self.group else w for w in holders]
-                )
-                if distributed
-                else None
-            )
-            if found:
-                with torch.no_grad():  # start identical: the lowest worker's copy wins
-                    dist.broadcast(
-                        found[0].data,
-                        src=dist.get_global_rank(self.group, holders[0])
-                        if self.group
-                        else holders[0],
-                        group=pg,
-                    )
-                groups.append((found, pg))
-        return groups
+            mine = pa if pa is not None else pb
+            if mine is None:
+                continue
+            peer = wb if self.worker == wa else wa
+            tie = Tie(mine, self.transport.global_rank(peer), leader=self.worker == min(wa, wb))
+            tie.sync_values(self.group)
+            ties.append(tie)
+        return ties
 
     def _layer(self, index: int) -> nn.Module | None:
         stage = self.stages.get(self.partition.stage_of(index))
@@ -319,6 +318,8 @@ class Pipeline:
         sent_outputs: dict[tuple[int, int], list[TensorMeta]] = {}  # what gradients to expect
         acts = sched.actions[self.worker]
         last_stage = sched.num_stages - 1
+        # where each stage's gradients become final: its last B or W of the step
+        grads_final = {a.stage: pos for pos, a in enumerate(acts) if a.kind in ("B", "W")}
 
         def head_for(stage: int, mb: int) -> Callable[[Any], torch.Tensor] | None:
             if stage != last_stage:
@@ -411,17 +412,18 @@ class Pipeline:
                 t0 = time.perf_counter()
                 stage.weight_grad_step(mb)
                 self._events.append(Event(self.worker, t0, time.perf_counter(), "W", s, mb))
+            if self.grad_reducer is not None and grads_final[a.stage] == pos:
+                self.grad_reducer.stage_done(stage)
             self.transport.reap_sends()
         self.transport.reap_sends(block=True)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
         self._reduce_tied()
         return self._share_loss(losses)
 
     def _reduce_tied(self) -> None:
-        for params, pg in self._tie_groups:
-            p = params[0]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=pg)
+        for tie in self._ties:
+            tie.sum_grads(self.group)
 
     def _share_loss(self, losses: dict[int, torch.Tensor]) -> float:
         value = torch.zeros(1, dtype=torch.float64)
@@ -448,12 +450,9 @@ class Pipeline:
         )
 
     def owns_tied_copy(self, param: nn.Parameter) -> bool:
-        """Return False for the second copy of a tied parameter held by a higher worker, so
-        that norms and counts see each tied tensor once."""
-        for params, pg in self._tie_groups:
-            if any(p is param for p in params):
-                return dist.get_rank(pg) == 0
-        return True
+        """Return False for the copy of a tied parameter held by the higher worker, so that
+        norms and counts see each tied tensor once."""
+        return all(tie.leader or tie.param is not param for tie in self._ties)
 
     @torch.no_grad()
     def evaluate(self, inputs: Any = None, targets: Any = None) -> float:
@@ -555,6 +554,34 @@ def _describe_failure(stage: Stage, mb: int, x: Any, s: int, err: Exception) -> 
         f"{stage.describe()} failed on micro-batch {mb}, whose input from {source} is "
         f"[{inputs}]: {type(err).__name__}: {err}"
     )
+
+
+class Tie:
+    """One copy of a parameter that another worker of the pipeline also holds."""
+
+    def __init__(self, param: nn.Parameter, peer_rank: int, leader: bool) -> None:
+        self.param, self.peer, self.leader = param, peer_rank, leader
+
+    def sync_values(self, group: dist.ProcessGroup | None) -> None:
+        """Make both copies start equal: the leader's values win."""
+        with torch.no_grad():
+            if self.leader:
+                dist.send(self.param.data.contiguous(), dst=self.peer, group=group, tag=TIE_TAG)
+            else:
+                buf = torch.empty_like(self.param.data)
+                dist.recv(buf, src=self.peer, group=group, tag=TIE_TAG)
+                self.param.data.copy_(buf)
+
+    def sum_grads(self, group: dist.ProcessGroup | None) -> None:
+        """Replace each copy's gradient with the sum of both, so the copies stay identical."""
+        p = self.param
+        mine = p.grad if p.grad is not None else torch.zeros_like(p)
+        theirs = torch.empty_like(mine)
+        send = dist.isend(mine.contiguous(), dst=self.peer, group=group, tag=TIE_TAG + 1)
+        dist.recv(theirs, src=self.peer, group=group, tag=TIE_TAG + 1)
+        send.wait()
+        # add in a fixed order so both workers get bit-identical sums
+        p.grad = mine + theirs if self.leader else theirs + mine
 
 
 def _free_sent(out: Any) -> None:

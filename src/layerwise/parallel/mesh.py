@@ -1,0 +1,84 @@
+"""The rank grid: data x pipeline x tensor parallel, as one DeviceMesh.
+
+Ranks are laid out as ``grid[dp][pp][tp]`` with tensor parallelism innermost, as Megatron-LM
+does: tensor-parallel peers exchange an all-reduce per sub-layer, so they get consecutive
+ranks and therefore the same node (NVLink); pipeline neighbours exchange one activation per
+micro-batch and data-parallel replicas one gradient reduction per step, which tolerate the
+slower links between nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of data (dp), pipeline (pp) and tensor (tp) parallelism."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """Return (dp, pp, tp) coordinates of a global rank."""
+        return rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} x pp={self.pp} x tp={self.tp} = {self.world} workers"
+
+
+def check_layout(
+    layout: Layout, world: int | None, heads: int, d_model: int, d_ff: int, num_layers: int
+) -> None:
+    """Raise ValueError, before any process-group work, if the layout cannot run the model.
+
+    ``num_layers`` counts every layer the partitioner splits (embedding and head included).
+    """
+    for name in ("dp", "pp", "tp"):
+        if getattr(layout, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(layout, name)}")
+    if world is not None and world != layout.world:
+        raise ValueError(f"world size {world} is not dp*pp*tp = {layout}")
+    for what, size in (("attention heads", heads), ("hidden size", d_model), ("MLP width", d_ff)):
+        if size % layout.tp:
+            divisors = [t for t in range(1, heads + 1) if heads % t == 0 and d_model % t == 0]
+            raise ValueError(
+                f"--tp {layout.tp} does not divide the {what} ({size}); "
+                f"tensor parallelism splits them evenly: try --tp in {divisors}"
+            )
+    if layout.pp > num_layers:
+        raise ValueError(
+            f"--pp {layout.pp} is larger than the number of layers ({num_layers}): "
+            f"every pipeline stage needs at least one layer"
+        )
+
+
+def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
+    """Create the (dp, pp, tp) mesh over the default process group (collective)."""
+    if dist.get_world_size() != layout.world:
+        raise ValueError(f"world size {dist.get_world_size()} is not dp*pp*tp = {layout}")
+    return init_device_mesh(
+        device_type, (layout.dp, layout.pp, layout.tp), mesh_dim_names=("dp", "pp", "tp")
+    )
+
+
+def describe_mesh(layout: Layout) -> str:
+    """Return the rank grid as text: one line per data-parallel replica, tp groups bracketed."""
+    lines = [f"rank grid {layout} (tensor parallel innermost):"]
+    for d in range(layout.dp):
+        stages = []
+        for p in range(layout.pp):
+            ranks = [(d * layout.pp + p) * layout.tp + t for t in range(layout.tp)]
+            stages.append("[" + " ".join(map(str, ranks)) + "]")
+        lines.append(
+            f"  replica {d}: " + " -> ".join(f"stage group {p} {r}" for p, r in enumerate(stages))
+        )
+    return "\n".join(lines)

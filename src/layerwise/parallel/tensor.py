@@ -1,0 +1,35 @@
+"""Tensor parallelism for the GPT blocks with torch.distributed.tensor.parallel.
+
+Attention: q, k, v column-wise (each rank gets whole heads), output projection row-wise;
+MLP: first linear column-wise, second row-wise. Each pair needs one all-reduce in forward
+and one in backward (Shoeybi et al. 2019, Megatron-LM). Embedding, norms and head stay
+replicated: their inputs are identical on every tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from layerwise.models.gpt import Block
+
+BLOCK_PLAN = {
+    "attn.q_proj": "col",
+    "attn.k_proj": "col",
+    "attn.v_proj": "col",
+    "attn.out_proj": "row",
+    "mlp.fc_in": "col",
+    "mlp.fc_out": "row",
+}
+
+
+def tensor_parallel(layer: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard a GPT block across ``tp_mesh`` in place; other layers are returned unchanged."""
+    if tp_mesh.size() == 1 or not isinstance(layer, Block):
+        return layer
+    plan = {
+        name: ColwiseParallel() if kind == "col" else RowwiseParallel()
+        for name, kind in BLOCK_PLAN.items()
+    }
+    return parallelize_module(layer, tp_mesh, plan)  # type: ignore[arg-type]

@@ -1,0 +1,142 @@
+"""Layer-wise stages combined with data and tensor parallelism on one (dp, pp, tp) mesh."""
+
+from __future__ import annotations
+
+import pytest
+
+import _workers as w
+from layerwise.parallel.mesh import Layout, check_layout, describe_mesh
+from layerwise.runtime.launch import run_workers
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("dp", "tp", "pp"), [(2, 1, 2), (1, 2, 2), (2, 2, 2)])
+def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
+    results = run_workers(w.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
+    for rank, res in enumerate(results):
+        for schedule in ("1f1b", "zb-h1"):
+            assert res[schedule] == [], f"rank {rank} {schedule}: {res[schedule]}"
+            if tp > 1:  # the blocks' linears really are split
+                assert res[f"{schedule} sharded"] > 0
+
+
+def test_layout_grid_is_tensor_parallel_innermost() -> None:
+    layout = Layout(dp=2, pp=2, tp=2)
+    assert [layout.coords(r) for r in range(8)] == [
+        (0, 0, 0),
+        (0, 0, 1),
+        (0, 1, 0),
+        (0, 1, 1),
+        (1, 0, 0),
+        (1, 0, 1),
+        (1, 1, 0),
+        (1, 1, 1),
+    ]
+    text = describe_mesh(layout)
+    assert "replica 0: stage group 0 [0 1] -> stage group 1 [2 3]" in text
+    assert "replica 1: stage group 0 [4 5] -> stage group 1 [6 7]" in text
+
+
+@pytest.mark.parametrize(
+    ("layout", "world", "message"),
+    [
+        (Layout(2, 2, 2), 6, r"world size 6 is not dp\*pp\*tp"),
+        (Layout(1, 2, 3), None, r"--tp 3 does not divide the attention heads \(4\)"),
+        (Layout(1, 9, 1), None, r"--pp 9 is larger than the number of layers \(6\)"),
+        (Layout(0, 1, 1), None, r"--dp must be >= 1"),
+    ],
+)
+def test_bad_layouts_fail_before_any_process_group(
+    layout: Layout, world: int | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_layout(layout, world, heads=4, d_model=64, d_ff=256, num_layers=6)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_hybrid_then_resume_on_same_layout_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    from layerwise.runtime.launch import free_port
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"x{i} = {i} * {i}\n" for i in range(500)))
+    run_dir = tmp_path / "hybrid"
+    port = str(free_port())
+    tiny = [
+        "--layers",
+        "2",
+        "--d-model",
+        "32",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--microbatches",
+        "2",
+        "--eval-interval",
+        "2",
+        "--save-interval",
+        "2",
+        "--data",
+        str(corpus),
+    ]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(i),
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "layerwise",
+                "train",
+                "--dp",
+                "2",
+                "--pp",
+                "2",
+                "--steps",
+                "2",
+                "--run-dir",
+                str(run_dir),
+                *tiny,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "layerwise", "train", "--resume", str(run_dir), "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    other = subprocess.run(
+        [sys.executable, "-m", "layerwise", "train", "--resume", str(run_dir), "--tp", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode == 2
+    assert "cannot resume" in other.stderr and "different layout" in other.stderr
+    assert "'tp': 2" in other.stderr
