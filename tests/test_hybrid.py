@@ -18,6 +18,8 @@ def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
             assert res[schedule] == [], f"rank {rank} {schedule}: {res[schedule]}"
             if tp > 1:  # the blocks' linears really are split
                 assert res[f"{schedule} sharded"] > 0
+        if dp > 1:
+            assert res["zero-1"] == [], f"rank {rank} zero-1: {res['zero-1']}"
 
 
 def test_layout_grid_is_tensor_parallel_innermost() -> None:
@@ -108,6 +110,8 @@ def test_two_nodes_hybrid_then_resume_on_same_layout_only(tmp_path) -> None:  # 
                 "2",
                 "--pp",
                 "2",
+                "--zero",
+                "1",
                 "--steps",
                 "2",
                 "--run-dir",

@@ -17,6 +17,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "workers": (int, "pipeline workers, one or more stages each (the pp degree; same as --pp)"),
     "dp": (int, "data-parallel replicas of the pipeline"),
     "tp": (int, "tensor-parallel workers per stage (split heads and MLP)"),
+    "zero": (int, "1: shard optimizer state across the data-parallel replicas (ZeRO-1)"),
     "schedule": (str, "naive | gpipe | 1f1b | interleaved-1f1b | zb-h1"),
     "microbatches": (int, "micro-batches per step"),
     "chunks": (int, "stages per worker for interleaved-1f1b"),

@@ -26,6 +26,7 @@ from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_
 from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Layout, build_mesh, check_layout
 from layerwise.parallel.tensor import tensor_parallel
+from layerwise.parallel.zero import ShardedOptimizer
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
 from layerwise.simulate import Costs, simulate
@@ -39,6 +40,7 @@ class TrainConfig:
     workers: int = 4  # the pipeline degree (pp)
     dp: int = 1
     tp: int = 1
+    zero: int = 0  # 1: shard optimizer state across data-parallel replicas
     schedule: str = "1f1b"
     microbatches: int = 8
     chunks: int | None = None
@@ -86,6 +88,7 @@ class TrainConfig:
             "workers",
             "dp",
             "tp",
+            "zero",
             "schedule",
             "microbatches",
             "chunks",
@@ -257,22 +260,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         grad_reducer=GradReducer(groups.dp) if groups.layout.dp > 1 and groups.dp else None,
     )
     params = list(pipe.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+
+    def make_optimizer(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        groups_ = [
+            {"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups_ if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+
+    if cfg.zero and groups.layout.dp > 1:
+        assert groups.dp is not None
+        sharded = ShardedOptimizer(params, groups.dp, make_optimizer)
+        opt, inner = sharded, sharded.inner
+    else:
+        opt = inner = make_optimizer(params)
     start = 0
     if resume:
         path = ckpt.latest(run_dir / "checkpoints")
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-        extra = ckpt.load(path, pipe.module(), opt)
+        extra = ckpt.load(path, pipe.module(), inner)
         start = int(extra["step"])
         torch.set_rng_state(extra["rng"])
     batcher = val = None
@@ -349,7 +356,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 run_dir / "checkpoints",
                 step + 1,
                 pipe.module(),
-                opt,
+                inner,
                 {"step": step + 1, "rng": torch.get_rng_state()},
             )
         if log is not None and bar is not None:
@@ -362,7 +369,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         twin = simulated_twin(measured, pipe)
         if rank == 0:
             _write_pictures(run_dir, measured, twin)
+    _write_summary(run_dir, cfg, record, pipe)
     return record
+
+
+def _write_summary(run_dir: Path, cfg: TrainConfig, record: dict[str, Any], pipe: Pipeline) -> None:
+    """Gather each rank's peak resident memory and parameter count into summary.json."""
+    import resource
+
+    mine = {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "parameters": sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel() for p in pipe.parameters()
+        ),
+        "stages": sorted(pipe.stages),
+    }
+    ranks: list[Any] = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        summary = {"layout": str(cfg.parallel_layout()), "final": record, "ranks": ranks}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
