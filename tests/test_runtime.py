@@ -49,20 +49,35 @@ def test_structured_uneven_inference_and_timeline(equivalence: tuple[int, list[d
 
 def test_single_worker_without_process_group() -> None:
     torch.manual_seed(1)
-    x, y = torch.randn(6, w.D), torch.randn(6, w.D)
+    x, y = torch.randn(8, w.D), torch.randn(8, w.D)
     ref_loss, ref_grads = w.reference(w.mlp_layers(), x, y, w.mse)
-    for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
-        for m in (1, 3):
-            pipe = lw.Pipeline(
-                w.mlp_layers(),
-                schedule=schedule,
-                microbatches=m,
-                loss_fn=w.mse,
-                chunks=2 if schedule == "interleaved-1f1b" else None,
-            )
-            loss = pipe.train_step(x, y)
-            assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, m)
+    for schedule in ("naive", "gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
+        for m in (1, 2, 4, 8):
+            for ckpt in ("never", "always", "except_last"):
+                pipe = lw.Pipeline(
+                    w.mlp_layers(),
+                    schedule=schedule,
+                    microbatches=m,
+                    loss_fn=w.mse,
+                    checkpoint=ckpt,
+                )
+                loss = pipe.train_step(x, y)
+                assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, m, ckpt)
     assert len(pipe.stages) == 2  # interleaved on one worker: two chunks, local hand-off
+
+
+def test_bf16_autocast_runs_forward_in_bfloat16() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(6, w.D), torch.randn(6, w.D)
+    ref_loss, _ = w.reference(w.mlp_layers(), x, y, w.mse)
+    pipe = lw.Pipeline(w.mlp_layers(), microbatches=2, loss_fn=w.mse, precision="bf16")
+    out = pipe.forward(x)
+    assert out.dtype == torch.bfloat16
+    loss = pipe.train_step(x, y)
+    assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)  # bf16 rounding, not a different model
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in pipe.parameters())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lw.Pipeline(w.mlp_layers(), precision="fp8")
 
 
 def test_factories_are_seeded_per_layer_not_per_worker() -> None:

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from layerwise import checkpoint as ckpt
 from layerwise.data import Batcher, load_corpus, split
+from layerwise.guard import StepGuard
 from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
 from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Layout, build_mesh, check_layout
@@ -298,8 +299,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = RunLog(run_dir, start) if rank == 0 else None
     bar = _progress(cfg, start) if rank == 0 else None
-    nonfinite = 0
-    ema: float | None = None
+    guard = StepGuard(max_nonfinite=cfg.max_nonfinite, warmup=cfg.warmup)
     record: dict[str, Any] = {}
     measured = None
     for step in range(start, cfg.steps):
@@ -316,16 +316,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             loss = float(mean.item()) / groups.layout.dp
         norm = global_grad_norm(pipe, groups)
         record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, step)}
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            nonfinite += 1
-            record["skipped"] = "non-finite loss or gradient"
-            if nonfinite >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite} non-finite steps in a row (last: step {step}); "
-                    f"try a lower --lr or --precision fp32"
-                )
-        else:
-            nonfinite = 0
+        record.update(guard.check(step, loss, norm))  # the same verdict on every rank
+        if "skipped" not in record:
             scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
             for group in opt.param_groups:
                 group["lr"] = record["lr"]
@@ -333,9 +325,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 if p.grad is not None and scale < 1.0:
                     p.grad.mul_(scale)
             opt.step()
-            if ema is not None and step > cfg.warmup and loss > 1.5 * ema:
-                record["spike"] = f"loss {loss:.3f} is {loss / ema:.1f}x its running mean {ema:.3f}"
-            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
         pipe.zero_grad()
         measured = pipe.timeline()
         elapsed = time.perf_counter() - t0
