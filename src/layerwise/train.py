@@ -120,8 +120,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def global_grad_norm(pipe: Pipeline, groups: Groups) -> float:
     """Return the L2 norm of the whole model's gradient: tensor-parallel shards summed,
     replicated copies and tied copies counted once, all pipeline stages included."""
-    sharded = torch.zeros(1, dtype=torch.float64)
-    replicated = torch.zeros(1, dtype=torch.float64)
+    sharded = torch.zeros(1, dtype=torch.float64, device=pipe.comm_device)
+    replicated = torch.zeros(1, dtype=torch.float64, device=pipe.comm_device)
     for p in pipe.parameters():
         if p.grad is None or not pipe.owns_tied_copy(p):
             continue
@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         )
         loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
         if groups.layout.dp > 1:  # each replica saw its share of the batch: report the mean
-            mean = torch.tensor([loss], dtype=torch.float64)
+            mean = torch.tensor([loss], dtype=torch.float64, device=pipe.comm_device)
             dist.all_reduce(mean, group=groups.dp)
             loss = float(mean.item()) / groups.layout.dp
         norm = global_grad_norm(pipe, groups)

@@ -111,6 +111,8 @@ class Pipeline:
         self.loss_fn = loss_fn
         self.checkpoint = checkpoint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # NCCL moves only GPU tensors, so scalars shared between workers live on the device
+        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.parallelize = parallelize
         self.grad_reducer = grad_reducer
         self.stages: dict[int, Stage] = {
@@ -426,7 +428,7 @@ class Pipeline:
             tie.sum_grads(self.group)
 
     def _share_loss(self, losses: dict[int, torch.Tensor]) -> float:
-        value = torch.zeros(1, dtype=torch.float64)
+        value = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         if self.is_last:
             value[0] = float(sum(v.double() for v in losses.values()))
         if self.num_workers > 1:
@@ -460,7 +462,7 @@ class Pipeline:
         if self.loss_fn is None:
             raise ValueError("evaluate needs a loss_fn")
         out = self.forward(inputs)
-        value = torch.zeros(1, dtype=torch.float64)
+        value = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         if self.is_last:
             if targets is None:
                 raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
