@@ -7,7 +7,9 @@ For tests, examples and benchmarks on one machine; real jobs use ``torchrun`` or
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -74,27 +76,35 @@ def run_workers(
     without reporting gets ``None`` as its result instead (for tests that kill workers).
     """
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(
-            target=_entry, args=(r, world, port, backend, timeout_s, fn, args, queue), daemon=False
-        )
+        ctx.Process(target=_entry, args=(r, world, port, backend, timeout_s, fn, args, queue))
         for r in range(world)
     ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     failures: dict[int, str] = {}
+    # read while the workers run: a large result blocks its sender until it is read
+    deadline = time.monotonic() + timeout_s * 3
+    while len(results) + len(failures) < world and time.monotonic() < deadline:
+        try:
+            rank, ok, value = queue.get(timeout=0.5)
+        except queue_module.Empty:
+            if all(not p.is_alive() for p in procs):
+                try:  # a result may have landed between the check and the timeout
+                    rank, ok, value = queue.get(timeout=2.0)
+                except queue_module.Empty:
+                    break
+            else:
+                continue
+        (results if ok else failures)[rank] = value
     for p in procs:
-        p.join(timeout_s * 3)
-    for p in procs:
+        p.join(timeout=10)
         if p.is_alive():
             p.kill()
             p.join()
-    while not queue.empty():
-        rank, ok, value = queue.get()
-        (results if ok else failures)[rank] = value
     missing = [r for r in range(world) if r not in results and r not in failures]
     for r in missing:
         if allow_exit:

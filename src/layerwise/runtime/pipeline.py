@@ -16,7 +16,7 @@ from torch import nn
 
 from layerwise.partition import Partition
 from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, materialize, resolve_balance
-from layerwise.runtime.stage import Stage
+from layerwise.runtime.stage import Stage, free_unsaved
 from layerwise.runtime.transport import PendingRecv, Transport
 from layerwise.runtime.tree import TensorMeta, flatten, map_tensors, signature, unflatten
 from layerwise.schedules import Action, Schedule, dependencies, generate, validate
@@ -587,11 +587,5 @@ class Tie:
 
 
 def _free_sent(out: Any) -> None:
-    """Free an output's memory once sent; its autograd node stays for the backward
-    (the trick Megatron-LM calls deallocate_output_tensor). Skipped where the graph saved the
-    output itself (e.g. tanh, sigmoid) or where it is a view, since then the data is needed."""
-    for t in flatten(out)[0]:
-        fn = t.grad_fn
-        if fn is None or t._base is not None or hasattr(fn, "_saved_result"):
-            continue
-        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    """Free an output's memory once sent; its autograd node stays for the backward."""
+    free_unsaved(flatten(out)[0])

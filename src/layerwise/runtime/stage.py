@@ -56,6 +56,31 @@ def _run_backward(
     )
 
 
+def _save_alias(t: torch.Tensor) -> torch.Tensor:
+    # Autograd keeps a detached alias of what it saves, not the tensor object itself, so
+    # swapping a tensor's .data later (free_unsaved) never changes a value a backward reads:
+    # the alias still holds the old storage, which therefore lives exactly as long as needed.
+    return t.detach()
+
+
+def _load_alias(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def free_unsaved(tensors: list[torch.Tensor]) -> None:
+    """Drop these tensors' own reference to their storage, keeping their graph nodes.
+
+    Megatron-LM frees a stage's output once sent ("deallocate_output_tensor"). Because every
+    stage forward saves aliases (see ``_save_alias``), this is safe for any tensor: memory
+    that a backward still reads stays alive through the alias, the rest is freed now. Views
+    are skipped: their storage belongs to their base.
+    """
+    for t in tensors:
+        if t.grad_fn is None or t._base is not None:
+            continue
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
 @dataclass
 class Stash:
     """What one micro-batch's backward needs."""
@@ -117,11 +142,12 @@ class Stage(nn.Module):
         stash = Stash(inputs=inputs)
         self._capturing = stash.captures if capture else None
         try:
-            stash.output = self.run(inputs)
+            with torch.autograd.graph.saved_tensors_hooks(_save_alias, _load_alias):
+                stash.output = self.run(inputs)
+                if head is not None:
+                    stash.loss = head(stash.output)
         finally:
             self._capturing = None
-        if head is not None:
-            stash.loss = head(stash.output)
         return stash
 
     def forward_step(
@@ -192,6 +218,8 @@ class Stage(nn.Module):
         result = _run_backward(roots, grads, leaves + captured, keep=True)
         stash.capture_grads = list(result[len(leaves) :])
         stash.output = stash.loss = None
+        for _, outs in stash.captures:  # W needs their graph nodes; saved values stay aliased
+            free_unsaved(outs)
         return [
             g if g is not None else torch.zeros_like(t)
             for t, g in zip(leaves, result, strict=False)
