@@ -408,3 +408,22 @@ def _zero_step_matches(
         except AssertionError as err:
             errors.append(f"{name}: {str(err).splitlines()[0]}")
     return errors
+
+
+def tp_collectives(rank: int, world: int) -> dict[str, int]:
+    """Count the collectives one tensor-parallel GPT block issues in forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from layerwise.models.gpt import Block
+    from layerwise.parallel.tensor import tensor_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    cfg = GPTConfig(seq_len=8, d_model=16, n_layers=1, n_heads=2)
+    block = tensor_parallel(Block(cfg), mesh)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with CommDebugMode() as fwd:
+        y = block(x)
+    with CommDebugMode() as bwd:
+        y.sum().backward()
+    return {"forward": fwd.get_total_counts(), "backward": bwd.get_total_counts()}

@@ -144,3 +144,11 @@ def test_two_nodes_hybrid_then_resume_on_same_layout_only(tmp_path) -> None:  # 
     assert other.returncode == 2
     assert "cannot resume" in other.stderr and "different layout" in other.stderr
     assert "'tp': 2" in other.stderr
+
+
+@pytest.mark.timeout(200)
+def test_tensor_parallel_block_all_reduces_once_per_sub_layer() -> None:
+    counts = run_workers(w.tp_collectives, 2, timeout_s=120)
+    # attention and MLP: one all-reduce each in forward (row-wise outputs) and in backward
+    # (the replicated inputs' gradients)
+    assert counts[0] == {"forward": 2, "backward": 2}
