@@ -57,6 +57,15 @@ def measure_layer(
     hidden: int, heads: int, seq: int, micro_batch: int, threads: int, repeats: int = 5
 ) -> LayerCost:
     """Returns the median forward and backward seconds of one block on this CPU."""
+    before = torch.get_num_threads()
+    try:
+        return _measure(hidden, heads, seq, micro_batch, threads, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(hidden: int, heads: int, seq: int, micro_batch: int, threads: int,
+             repeats: int) -> LayerCost:  # fmt: skip
     torch.set_num_threads(max(1, threads))
     block = _Block(hidden, heads)
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
@@ -75,10 +84,15 @@ def measure_layer(
 
 def predict_local(
     layers: int, hidden: int, heads: int, seq: int, micro_batch: int, global_batch: int,
-    workers: int, cost: LayerCost | None = None,
+    workers: int, cost: LayerCost | None = None, schedule: str = "1f1b",
+    cores: int | None = None,
 ) -> list[dict[str, float | int | str]]:  # fmt: skip
     """Returns predicted step seconds for each (dp, pp) split of ``workers`` CPU processes,
-    fastest first. ``cost`` is measured when not given."""
+    fastest first. ``cost`` is measured when not given.
+
+    With more workers than ``cores`` the workers share them: a step then takes at least the
+    whole job's compute divided by the cores, however the schedule overlaps it."""
+    cores = cores or os.cpu_count() or 1
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
@@ -91,7 +105,9 @@ def predict_local(
         send = LOCAL_LATENCY_S + 4.0 * seq * micro_batch * hidden / (LOCAL_GBPS * 1e9)
         f = layers / pp * cost.forward + (send if pp > 1 else 0.0)
         b = layers / pp * cost.backward + (send if pp > 1 else 0.0)
-        pipe, bubble = pipeline_time("1f1b", pp, m, 1, f, b, 0.0)
+        pipe, bubble = pipeline_time(schedule, pp, m, 1, f, b, 0.0)
+        if workers > cores:  # time-sliced: the busy time of all workers shares the cores
+            pipe = max(pipe, dp * pp * m * (f + b) / cores)
         grads = 4.0 * cost.params * layers / pp  # fp32 gradients, ring all-reduce
         allreduce = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
         out.append({"layout": f"dp{dp} pp{pp} mb{micro_batch}", "dp": dp, "pp": pp,
@@ -107,6 +123,7 @@ def run_local(args: argparse.Namespace) -> int:
         layers=args.layers or 8, hidden=args.hidden or 256, heads=args.heads or 4,
         seq=args.seq or 128, micro_batch=args.micro_batch or 2,
         global_batch=args.global_batch or 16, workers=args.workers,
+        schedule=args.schedule if args.schedule in ("1f1b", "gpipe", "zb-h1") else "1f1b",
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
