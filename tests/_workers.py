@@ -427,3 +427,7 @@ def tp_collectives(rank: int, world: int) -> dict[str, int]:
     with CommDebugMode() as bwd:
         y.sum().backward()
     return {"forward": fwd.get_total_counts(), "backward": bwd.get_total_counts()}
+
+
+def big_result(rank: int, world: int) -> bytes:
+    return bytes(2**20)  # larger than a pipe buffer: must not block the worker's exit

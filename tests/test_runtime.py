@@ -143,3 +143,8 @@ def test_bad_configuration_errors() -> None:
 def test_worker_errors_are_collected() -> None:
     with pytest.raises(WorkerError, match=r"--- worker 0 ---[\s\S]*ZeroDivisionError"):
         run_workers(w.divide_by_zero, 1, timeout_s=30)
+
+
+@pytest.mark.timeout(120)
+def test_large_results_come_back() -> None:
+    assert run_workers(w.big_result, 2, timeout_s=30) == [bytes(2**20)] * 2

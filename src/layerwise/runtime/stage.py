@@ -148,6 +148,10 @@ class Stage(nn.Module):
                     stash.loss = head(stash.output)
         finally:
             self._capturing = None
+        # W will need the captured outputs' graph nodes, not their values (anything a backward
+        # reads was saved as an alias); only the stage output must survive, to be sent
+        sent = {id(t) for t in flatten(stash.output)[0]}
+        free_unsaved([t for _, outs in stash.captures for t in outs if id(t) not in sent])
         return stash
 
     def forward_step(
