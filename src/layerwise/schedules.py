@@ -92,6 +92,12 @@ class Schedule:
         """Return the stages whose backward runs as I then W rather than one B."""
         return frozenset(a.stage for acts in self.actions for a in acts if a.kind == "I")
 
+    @cached_property
+    def order(self) -> tuple[tuple[int, int], ...]:
+        """A dependency-respecting order of (worker, position); computed once, shared by the
+        validator and the simulator. Raises ScheduleError if the schedule deadlocks."""
+        return tuple(execution_order(self))
+
     def splits_backward(self, stage: int) -> bool:
         """Return True if ``stage`` runs its backward as I then W rather than one B."""
         return stage in self.split_stages
@@ -441,7 +447,7 @@ def validate(schedule: Schedule) -> None:
     holds it; F(s, m) after F(s-1, m); B(s, m) after B(s+1, m) and F(s, m); W after its I.
     """
     _check_structure(schedule)
-    execution_order(schedule)
+    _ = schedule.order
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from layerwise.schedules import Action, Schedule, dependencies, execution_order
+from layerwise.schedules import Action, Schedule, dependencies
 from layerwise.timeline import Event, Timeline
 
 
@@ -132,7 +132,7 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
     free_at = [0.0] * schedule.num_workers
     events: list[Event] = []
     worker_of = schedule.stage_worker
-    for w, pos in execution_order(schedule):
+    for w, pos in schedule.order:
         action = schedule.actions[w][pos]
         ready = free_at[w]
         for dep in dependencies(action, schedule):
