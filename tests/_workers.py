@@ -194,22 +194,34 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     return results
 
 
-def gpt_cases(rank: int, world: int) -> dict[str, Any]:
-    """A tied-embedding GPT built from factories: equal to single-process training, and the
-    tied copies stay identical."""
-    cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=3)
-    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(0))
+def tied_gpt_reference(
+    cfg: GPTConfig, rows: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch, and single-process training's loss and gradients by global parameter name.
+
+    The reference model shares one tensor between embedding and head; its gradient is the sum
+    of both uses, which is what each of the pipeline's two copies must end up with."""
+    tokens = torch.randint(
+        0, 256, (rows, cfg.seq_len + 1), generator=torch.Generator().manual_seed(seed)
+    )
     x, y = tokens[:, :-1], tokens[:, 1:]
     model = build_gpt(cfg)
     ref = loss_fn(model(x), y)
     ref.backward()
-    ref_grads = {
+    grads = {
         f"{i}.{k}": p.grad.clone()
         for i, layer in enumerate(model)
         for k, p in layer.named_parameters()
     }
-    # the reference shares one tensor; its gradient is the sum of both uses
-    ref_grads[f"{cfg.n_layers + 1}.lm_head.weight"] = ref_grads["0.tok.weight"]
+    grads[f"{cfg.n_layers + 1}.lm_head.weight"] = grads["0.tok.weight"]
+    return x, y, ref, grads
+
+
+def gpt_cases(rank: int, world: int) -> dict[str, Any]:
+    """A tied-embedding GPT built from factories: equal to single-process training, and the
+    tied copies stay identical."""
+    cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=3)
+    x, y, ref, ref_grads = tied_gpt_reference(cfg, rows=4, seed=0)
     results: dict[str, Any] = {}
     for schedule in ("1f1b", "zb-h1"):
         pipe = lw.Pipeline(
@@ -313,17 +325,7 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
     mesh = build_mesh(layout)
     dp_rank = layout.coords(rank)[0]
     cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=5)
-    tokens = torch.randint(0, 256, (8, 9), generator=torch.Generator().manual_seed(1))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    model = build_gpt(cfg)
-    ref = loss_fn(model(x), y)
-    ref.backward()
-    ref_grads = {
-        f"{i}.{k}": p.grad.clone()
-        for i, layer in enumerate(model)
-        for k, p in layer.named_parameters()
-    }
-    ref_grads[f"{cfg.n_layers + 1}.lm_head.weight"] = ref_grads["0.tok.weight"]
+    x, y, ref, ref_grads = tied_gpt_reference(cfg, rows=8, seed=1)
     rows = x.shape[0] // dp
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
     results: dict[str, Any] = {}

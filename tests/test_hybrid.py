@@ -61,71 +61,13 @@ def test_two_nodes_hybrid_then_resume_on_same_layout_only(tmp_path) -> None:  # 
     import subprocess
     import sys
 
-    from layerwise.runtime.launch import free_port
+    from _nodes import tiny_model, train_on_two_nodes
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"x{i} = {i} * {i}\n" for i in range(500)))
     run_dir = tmp_path / "hybrid"
-    port = str(free_port())
-    tiny = [
-        "--layers",
-        "2",
-        "--d-model",
-        "32",
-        "--heads",
-        "2",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "8",
-        "--microbatches",
-        "2",
-        "--eval-interval",
-        "2",
-        "--save-interval",
-        "2",
-        "--data",
-        str(corpus),
-    ]
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(i),
-                "--nproc-per-node",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                "-m",
-                "layerwise",
-                "train",
-                "--dp",
-                "2",
-                "--pp",
-                "2",
-                "--zero",
-                "1",
-                "--steps",
-                "2",
-                "--run-dir",
-                str(run_dir),
-                *tiny,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [n.communicate(timeout=240)[0] for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    train_on_two_nodes(2, ["--dp", "2", "--pp", "2", "--zero", "1", "--steps", "2",
+                           "--run-dir", str(run_dir), *tiny_model(str(corpus))])  # fmt: skip
     resumed = subprocess.run(
         [sys.executable, "-m", "layerwise", "train", "--resume", str(run_dir), "--steps", "4"],
         capture_output=True,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 import _workers as w
+from _nodes import tiny_model, train_on_two_nodes
 from layerwise.launcher import describe_failures
-from layerwise.runtime.launch import free_port, run_workers
+from layerwise.runtime.launch import run_workers
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
 
@@ -65,26 +66,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "layerwise", *args]
 
 
-TINY = [
-    "--layers",
-    "2",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "8",
-    "--eval-interval",
-    "2",
-    "--save-interval",
-    "2",
-    "--microbatches",
-    "2",
-]
-
-
 @pytest.mark.timeout(240)
 def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) -> None:
     run_dir = tmp_path / "killed"
@@ -95,13 +76,11 @@ def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) 
             "3",
             "--steps",
             "100000",
-            "--data",
-            str(corpus),
             "--run-dir",
             str(run_dir),
             "--timeout",
             "30",
-            *TINY,
+            *tiny_model(str(corpus)),
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -154,44 +133,8 @@ def test_two_nodes_under_torchrun_then_generate_and_resume_checks(
     tmp_path: Path, corpus: Path
 ) -> None:
     run_dir = tmp_path / "nodes"
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(i),
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                "-m",
-                "layerwise",
-                "train",
-                "--workers",
-                "2",
-                "--steps",
-                "2",
-                "--data",
-                str(corpus),
-                "--run-dir",
-                str(run_dir),
-                *TINY,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [n.communicate(timeout=240)[0] for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    flags = ["--workers", "2", "--steps", "2", "--run-dir", str(run_dir)]
+    train_on_two_nodes(1, [*flags, *tiny_model(str(corpus))])
     assert len(losses(run_dir)) == 2
     gen = subprocess.run(
         _cli("generate", str(run_dir), "--prompt", "def f", "--tokens", "12"),

@@ -159,8 +159,7 @@ class Pipeline:
         if isinstance(balance, str) and balance in ("time", "memory") and self.num_workers > 1:
             # measurements differ between processes: everyone takes worker 0's partition
             sizes: list[Any] = [part.sizes]
-            src = dist.get_global_rank(self.group, 0) if self.group else 0
-            dist.broadcast_object_list(sizes, src=src, group=self.group)
+            dist.broadcast_object_list(sizes, src=self._global(0), group=self.group)
             part = Partition.from_sizes(sizes[0], len(specs))
         return part
 
@@ -274,8 +273,7 @@ class Pipeline:
                 raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
             plan = [[(flatten(mb)[0][0].shape[0], signature(mb)) for mb in _split(inputs, m)]]
         if self.num_workers > 1:
-            src = self.schedule.stage_worker[0]
-            src = dist.get_global_rank(self.group, src) if self.group else src
+            src = self._global(self.schedule.stage_worker[0])
             dist.broadcast_object_list(plan, src=src, group=self.group)
         return plan[0]  # type: ignore[no-any-return]
 
@@ -428,16 +426,20 @@ class Pipeline:
             tie.sum_grads(self.group)
 
     def _share_loss(self, losses: dict[int, torch.Tensor]) -> float:
-        value = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
-        if self.is_last:
-            value[0] = float(sum(v.double() for v in losses.values()))
-        if self.num_workers > 1:
-            src = self.schedule.stage_worker[-1]
-            dist.broadcast(
-                value,
-                src=dist.get_global_rank(self.group, src) if self.group else src,
-                group=self.group,
-            )
+        total = float(sum(v.double() for v in losses.values())) if self.is_last else 0.0
+        return self._from_last(total)
+
+    def _global(self, worker: int) -> int:
+        """Return the global rank of pipeline worker ``worker``."""
+        return dist.get_global_rank(self.group, worker) if self.group is not None else worker
+
+    def _from_last(self, number: float) -> float:
+        """Return the last stage's worker's ``number`` on every worker."""
+        if self.num_workers == 1:
+            return number
+        value = torch.tensor([number], dtype=torch.float64, device=self.comm_device)
+        src = self._global(self.schedule.stage_worker[-1])
+        dist.broadcast(value, src=src, group=self.group)
         return float(value.item())
 
     def module(self) -> nn.ModuleDict:
@@ -462,19 +464,12 @@ class Pipeline:
         if self.loss_fn is None:
             raise ValueError("evaluate needs a loss_fn")
         out = self.forward(inputs)
-        value = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
+        loss = 0.0
         if self.is_last:
             if targets is None:
                 raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
-            value[0] = float(self.loss_fn(out, targets))
-        if self.num_workers > 1:
-            src = self.schedule.stage_worker[-1]
-            dist.broadcast(
-                value,
-                src=dist.get_global_rank(self.group, src) if self.group else src,
-                group=self.group,
-            )
-        return float(value.item())
+            loss = float(self.loss_fn(out, targets))
+        return self._from_last(loss)
 
     # -- inference ----------------------------------------------------------------------------
 
