@@ -5,8 +5,9 @@ worker processes over gloo. For each schedule and micro-batch count the script r
 median step time after a warm-up, the simulator's prediction for the same costs, and their
 ratio; also the median measured makespan (first action start to last action end, without
 the step's set-up and loss broadcast) and a *calibrated* prediction that re-simulates the
-schedule with the mean action durations measured on each stage, which separates "the layers
-did not take F and B" from "the runtime left gaps between actions".
+schedule with the costs the run actually had (``measured_costs``: each stage's mean action
+durations and the median hand-off latency between workers), which separates "the layers did
+not take F and B" and "messages take time" from "the runtime left gaps between actions".
 
     .venv/bin/python benchmarks/bench_schedules.py --json runs/schedules.json
 """
@@ -14,8 +15,6 @@ did not take F and B" from "the runtime left gaps between actions".
 from __future__ import annotations
 
 import argparse
-import statistics
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ import torch
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
 from layerwise.runtime.launch import run_workers
-from layerwise.schedules import Action, dependencies
+from layerwise.simulate import measured_costs
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 
@@ -44,54 +43,10 @@ def predict(schedule: str, p: int, m: int, fwd_ms: float, bwd_ms: float) -> lw.T
     return lw.simulate(sched, lw.Costs.uniform(sched.num_stages, forward=f / 1e3, backward=b / 1e3))
 
 
-def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> lw.Timeline:
-    """Simulate again with each stage's mean measured F, B (or I, W) durations."""
+def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> lw.Costs:
+    """The costs the runs actually had: mean action durations and median hand-off latency."""
     sched = lw.generate(schedule, p, m, chunks_of(schedule))
-    n = sched.num_stages
-    durations: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for tl in timelines:
-        for e in tl.events:
-            if e.kind in ("F", "B", "I", "W"):
-                durations[(e.kind, e.stage)].append(e.duration)
-
-    def mean(kind: str) -> list[float]:
-        return [
-            statistics.fmean(durations[(kind, s)]) if durations[(kind, s)] else 0.0
-            for s in range(n)
-        ]
-
-    split = bool(sched.split_stages)
-    if split:
-        i, w = mean("I"), mean("W")
-        costs = lw.Costs.per_stage(mean("F"), [a + b for a, b in zip(i, w, strict=True)], i, w)
-    else:
-        costs = lw.Costs.per_stage(mean("F"), mean("B"))
-    return lw.simulate(sched, costs)
-
-
-def handoff_latencies(schedule: str, p: int, m: int, tl: lw.Timeline) -> list[float]:
-    """Delays from a remote dependency's end to the start of the action waiting for it.
-
-    Only actions whose worker was idle when the dependency finished count (otherwise the
-    worker was busy and the delay is not the hand-off's): this is the time a message takes
-    from one worker's compute to the next one's, including the receiver waking up.
-    """
-    sched = lw.generate(schedule, p, m, chunks_of(schedule))
-    ends = {(e.stage, e.kind, e.microbatch): e.end for e in tl.events if e.kind in "FBIW"}
-    out = []
-    for w in range(p):
-        prev_end = -1.0
-        for e in (e for e in tl.worker_events(w) if e.kind in ("F", "B", "I", "W")):
-            action = Action(e.stage, e.kind, e.microbatch)
-            remote = [
-                ends[(d.stage, d.kind, d.microbatch)]
-                for d in dependencies(action, sched)
-                if sched.stage_worker[d.stage] != w
-            ]
-            if remote and max(remote) >= prev_end:
-                out.append(e.start - max(remote))
-            prev_end = e.end
-    return out
+    return measured_costs(timelines, sched)
 
 
 def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,6 +71,8 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
             times = timed_steps(step, args["warmup"], args["steps"], after)
             if rank == 0:
                 measured = timelines[args["warmup"] :]
+                costs = calibrated(schedule, world, m, measured)
+                sched = lw.generate(schedule, world, m, chunks_of(schedule))
                 results.append(
                     {
                         "schedule": schedule,
@@ -124,11 +81,9 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
                         "step_s_all": times,
                         "makespan_s": median([tl.makespan() for tl in measured]),
                         "bubble_measured": median([tl.bubble_fraction() for tl in measured]),
-                        "calibrated_s": calibrated(schedule, world, m, measured).makespan(),
+                        "calibrated_s": lw.simulate(sched, costs).makespan(),
                         "peak_inflight_w0": measured[-1].peak_inflight(0),
-                        "handoff_s": median(
-                            [h for t in measured for h in handoff_latencies(schedule, world, m, t)]
-                        ),
+                        "handoff_s": costs.comm_latency,
                     }
                 )
     return results

@@ -109,3 +109,22 @@ def test_wait_counts_as_idle_and_comm() -> None:
     )
     assert tl.busy(1) == 1 and tl.idle(1) == 1 and tl.comm_wait(1) == 1
     assert tl.idle_fraction(0) == 0.5
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"])
+def test_measured_costs_recover_the_costs_a_timeline_was_made_with(name: str) -> None:
+    from layerwise.simulate import measured_costs
+
+    schedule = generate(name, 3, 6, 2 if name == "interleaved-1f1b" else 1)
+    n = schedule.num_stages
+    costs = Costs.per_stage([1.0 + s for s in range(n)], [2.0 + s for s in range(n)],
+                            weight_grad=[0.5] * n, comm_latency=0.25)  # fmt: skip
+    recovered = measured_costs([simulate(schedule, costs)], schedule)
+    assert recovered.forward == pytest.approx(costs.forward)
+    if schedule.split_stages:
+        assert recovered.input_grad == pytest.approx(costs.input_grad)
+        assert recovered.weight_grad == pytest.approx(costs.weight_grad)
+    assert recovered.backward == pytest.approx(costs.backward)
+    assert recovered.comm_latency == pytest.approx(0.25)
+    again = simulate(schedule, recovered)
+    assert again.makespan() == pytest.approx(simulate(schedule, costs).makespan())

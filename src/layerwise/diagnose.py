@@ -2,7 +2,7 @@
 
 Reads ``config.json``, ``metrics.jsonl`` and ``timeline.json`` (the last step, measured, and
 its simulated twin) from a run directory. Suggestions are ranked by the step time the
-simulator predicts for them, using the stage times the run itself measured.
+simulator predicts for them, using the stage times and hand-off latency the run measured.
 """
 
 from __future__ import annotations
@@ -14,38 +14,28 @@ from typing import Any
 
 from layerwise.partition import partition
 from layerwise.schedules import generate
-from layerwise.simulate import Costs, simulate
+from layerwise.simulate import Costs, measured_costs, simulate
 from layerwise.timeline import Timeline, render_ascii
 
 
-def _stage_times(tl: Timeline, num_stages: int) -> tuple[list[float], list[float]]:
-    """Mean forward and full-backward time of each stage in a measured timeline."""
-    acc: dict[tuple[str, int], list[float]] = {}
-    for e in tl.events:
-        acc.setdefault((e.kind, e.stage), []).append(e.duration)
-
-    def mean(kind: str, s: int) -> float:
-        values = acc.get((kind, s), [])
-        return statistics.fmean(values) if values else 0.0
-
-    fwd = [mean("F", s) for s in range(num_stages)]
-    bwd = [mean("B", s) or (mean("I", s) + mean("W", s)) for s in range(num_stages)]
-    return fwd, bwd
-
-
-def _predict(name: str, p: int, m: int, v: int, fwd: list[float], bwd: list[float]) -> float:
+def _predict(name: str, p: int, m: int, v: int, fwd: list[float], bwd: list[float],
+             latency: float) -> float:  # fmt: skip
     """Return the predicted step time of ``name`` with per-worker costs split into v chunks."""
     sched = generate(name, p, m, v)
     f = [fwd[s % p] / v for s in range(p * v)]
     b = [bwd[s % p] / v for s in range(p * v)]
-    return simulate(sched, Costs.per_stage(f, b)).makespan()
+    return simulate(sched, Costs.per_stage(f, b, comm_latency=latency)).makespan()
 
 
 def suggestions(
-    cfg: dict[str, Any], fwd: list[float], bwd: list[float], current: float
+    cfg: dict[str, Any], fwd: list[float], bwd: list[float], current: float, latency: float = 0.0
 ) -> list[dict[str, Any]]:
     """Alternatives with their predicted step time, fastest first."""
     p, m = int(cfg["workers"]), int(cfg["microbatches"])
+
+    def predict(name: str, p_: int, m_: int, v: int, f: list[float], b: list[float]) -> float:
+        return _predict(name, p_, m_, v, f, b, latency)
+
     out: list[dict[str, Any]] = []
 
     def add(change: str, predicted: float, why: str) -> None:
@@ -63,24 +53,24 @@ def suggestions(
         if 2 * m <= batch and batch % (2 * m) == 0:
             add(
                 f"--microbatches {2 * m}",
-                _predict(cfg["schedule"], p, 2 * m, 1, [f / 2 for f in fwd], [b / 2 for b in bwd]),
+                predict(cfg["schedule"], p, 2 * m, 1, [f / 2 for f in fwd], [b / 2 for b in bwd]),
                 "smaller micro-batches shrink the fill and drain bubble (p-1)/(m+p-1)",
             )
         if cfg["schedule"] != "1f1b":
             add(
                 "--schedule 1f1b",
-                _predict("1f1b", p, m, 1, fwd, bwd),
+                predict("1f1b", p, m, 1, fwd, bwd),
                 "1F1B overlaps workers and holds at most p micro-batches' activations",
             )
         if m % p == 0 and int(cfg["layers"]) + 2 >= 2 * p:
             add(
                 "--schedule interleaved-1f1b --chunks 2",
-                _predict("interleaved-1f1b", p, m, 2, fwd, bwd),
+                predict("interleaved-1f1b", p, m, 2, fwd, bwd),
                 "two chunks per worker halve the bubble at twice the point-to-point traffic",
             )
         add(
             "--schedule zb-h1",
-            _predict("zb-h1", p, m, 1, fwd, bwd),
+            predict("zb-h1", p, m, 1, fwd, bwd),
             "deferred weight gradients fill the cool-down bubble at 1F1B's memory",
         )
         # rebalance: spread each stage's measured time evenly over its layers, re-partition
@@ -94,7 +84,7 @@ def suggestions(
             ratio = [c / (fwd[s] + bwd[s]) if fwd[s] + bwd[s] else 1.0 for s, c in enumerate(per)]
             add(
                 f"--balance {','.join(map(str, part.sizes))}",
-                _predict(
+                predict(
                     cfg["schedule"],
                     p,
                     m,
@@ -107,7 +97,7 @@ def suggestions(
         if cfg.get("checkpoint", "never") == "never":
             add(
                 "--checkpoint always (only if memory-bound)",
-                _predict(
+                predict(
                     cfg["schedule"], p, m, 1, fwd, [b + f for f, b in zip(fwd, bwd, strict=True)]
                 ),
                 "recomputing each forward during backward frees stashed activations but costs time",
@@ -130,9 +120,16 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
     data = json.loads((run_dir / "timeline.json").read_text())
     measured = Timeline.from_json(data["measured"])
-    simulated = Timeline.from_json(data["simulated"])
     stages = int(measured.meta.get("stages", measured.num_workers))
-    fwd, bwd = _stage_times(measured, stages)
+    schedule = generate(
+        cfg["schedule"],
+        int(cfg["workers"]),
+        int(cfg["microbatches"]),
+        int(cfg.get("chunks") or (2 if cfg["schedule"] == "interleaved-1f1b" else 1)),
+    )
+    costs = measured_costs([measured], schedule)
+    simulated = simulate(schedule, costs)
+    fwd, bwd = list(costs.forward), list(costs.backward)
     totals = [f + b for f, b in zip(fwd, bwd, strict=True)]
     mean_total = statistics.fmean(totals) if totals else 0.0
     steps = [r["step_time"] for r in metrics if "step_time" in r]
@@ -159,6 +156,9 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         ],
         "stage_seconds": totals,
         "imbalance": max(totals) / mean_total if mean_total > 0 else 1.0,
+        "handoff_latency_s": costs.comm_latency,
+        "cores": measured.meta.get("cores"),
+        "local_workers": measured.meta.get("local_workers"),
         "measured_bubble": measured.bubble_fraction(),
         "predicted_bubble": simulated.bubble_fraction(),
         "measured_step_s": measured.makespan(),
@@ -171,6 +171,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
                 fwd,
                 bwd,
                 measured.makespan(),
+                costs.comm_latency,
             )
             if stages == measured.num_workers
             else []
@@ -205,14 +206,22 @@ def render(report: dict[str, Any]) -> str:
         + ("  <- uneven stages: rebalance" if report["imbalance"] > 1.15 else ""),
         f"bubble: measured {100 * report['measured_bubble']:.1f}%, predicted "
         f"{100 * report['predicted_bubble']:.1f}%; step {report['measured_step_s']:.4f}s measured, "
-        f"{report['predicted_step_s']:.4f}s predicted from the measured stage times",
+        f"{report['predicted_step_s']:.4f}s predicted from the measured stage times and hand-offs",
+        f"hand-off between workers (data ready to use): {1e3 * report['handoff_latency_s']:.2f} ms",
     ]
     gap = (
         report["measured_step_s"] / report["predicted_step_s"]
         if report["predicted_step_s"]
         else 1.0
     )
-    if gap > 1.1:
+    cores, local = report.get("cores"), report.get("local_workers")
+    if gap > 1.1 and cores and local and local > cores:
+        lines.append(
+            f"  measured step is {gap:.2f}x the prediction: {local} workers share {cores} cores "
+            f"on this machine, so busy workers wait for a core; the simulator gives each "
+            f"worker its own (on this machine, fewer workers may be faster)"
+        )
+    elif gap > 1.1:
         lines.append(
             f"  measured step is {gap:.2f}x the prediction: time goes to communication "
             f"or contention the schedule does not show (see comm wait)"

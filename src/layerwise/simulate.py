@@ -9,6 +9,7 @@ runtime, which posts them asynchronously.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -154,3 +155,49 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
             "stages": schedule.num_stages,
         },
     )
+
+
+def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> Costs:
+    """Return the costs a run of ``schedule`` actually had, read off measured timelines.
+
+    Each stage gets its mean F, B (or I and W) duration. The point-to-point latency is the
+    median hand-off: the delay from a remote dependency's end to the start of the action
+    that was waiting for it, counted only where that worker had nothing else to do (else the
+    delay is its own work, not the message's). Simulating ``schedule`` with these costs
+    gives a prediction whose remaining gap to the measurement is contention and noise.
+    """
+    durations: dict[tuple[str, int], list[float]] = {}
+    handoffs: list[float] = []
+    for tl in timelines:
+        ends = {
+            Action(e.stage, e.kind, e.microbatch): e.end  # type: ignore[arg-type]
+            for e in tl.events
+            if e.kind in ("F", "B", "I", "W")
+        }
+        for w in range(tl.num_workers):
+            prev_end = -math.inf
+            for e in tl.worker_events(w):
+                if e.kind not in ("F", "B", "I", "W"):
+                    continue
+                durations.setdefault((e.kind, e.stage), []).append(e.duration)
+                action = Action(e.stage, e.kind, e.microbatch)  # type: ignore[arg-type]
+                remote = [
+                    ends[d]
+                    for d in dependencies(action, schedule)
+                    if schedule.stage_worker[d.stage] != w and d in ends
+                ]
+                if remote and max(remote) >= prev_end:
+                    handoffs.append(max(0.0, e.start - max(remote)))
+                prev_end = e.end
+
+    def mean(kind: str) -> list[float]:
+        return [
+            statistics.fmean(durations.get((kind, s), [0.0])) for s in range(schedule.num_stages)
+        ]
+
+    latency = statistics.median(handoffs) if handoffs else 0.0
+    if schedule.split_stages:
+        ig, wg = mean("I"), mean("W")
+        bwd = [i + w for i, w in zip(ig, wg, strict=True)]
+        return Costs.per_stage(mean("F"), bwd, ig, wg, comm_latency=latency)
+    return Costs.per_stage(mean("F"), mean("B"), comm_latency=latency)

@@ -30,7 +30,7 @@ from layerwise.parallel.tensor import tensor_parallel
 from layerwise.parallel.zero import ShardedOptimizer
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
-from layerwise.simulate import Costs, simulate
+from layerwise.simulate import measured_costs, simulate
 from layerwise.timeline import Timeline, render_png, write_chrome_trace
 
 
@@ -143,27 +143,9 @@ def global_grad_norm(pipe: Pipeline, groups: Groups) -> float:
 
 
 def simulated_twin(measured: Timeline, pipe: Pipeline) -> Timeline:
-    """Simulate the same schedule with each stage's measured mean F/B/I/W times."""
-    sched = pipe.schedule
-    means: dict[tuple[str, int], list[float]] = {}
-    for e in measured.events:
-        if e.kind in ("F", "B", "I", "W"):
-            means.setdefault((e.kind, e.stage), []).append(e.duration)
-
-    def mean(kind: str, stage: int) -> float:
-        values = means.get((kind, stage), [])
-        return sum(values) / len(values) if values else 0.0
-
-    n = sched.num_stages
-    split_b = any(k == "I" for k, _ in means)
-    fwd = [mean("F", s) for s in range(n)]
-    if split_b:
-        ig = [mean("I", s) for s in range(n)]
-        wg = [mean("W", s) for s in range(n)]
-        costs = Costs.per_stage(fwd, [i + w for i, w in zip(ig, wg, strict=True)], ig, wg)
-    else:
-        costs = Costs.per_stage(fwd, [mean("B", s) for s in range(n)])
-    twin = simulate(sched, costs)
+    """Simulate the same schedule with the stage times and hand-off latency this step had."""
+    costs = measured_costs([measured], pipe.schedule)
+    twin = simulate(pipe.schedule, costs)
     twin.meta["costs"] = dataclasses.asdict(costs)
     return twin
 
@@ -355,6 +337,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         bar.close()
     if measured is not None:
         measured.meta["stage_sizes"] = pipe.partition.sizes
+        measured.meta["cores"] = os.cpu_count() or 1
+        measured.meta["local_workers"] = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         twin = simulated_twin(measured, pipe)
         if rank == 0:
             _write_pictures(run_dir, measured, twin)
