@@ -373,7 +373,7 @@ def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
     render_png(
         [measured, twin],
         run_dir / "timeline.png",
-        titles=["measured (last step)", "simulated with the measured stage times"],
+        titles=["measured (last step)", "simulated with the measured stage times and hand-offs"],
     )
     write_chrome_trace([measured, twin], run_dir / "trace.json")
 

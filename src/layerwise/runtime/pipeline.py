@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -295,131 +296,138 @@ class Pipeline:
             raise
 
     def _run(self, inputs: Any, targets: Any) -> float:
-        sched = self.schedule
-        m = sched.num_microbatches
-        plan = self._broadcast_plan(inputs, m)
-        rows = [r for r, _ in plan]
-        total_rows = sum(rows)
-        mb_inputs = _split(inputs, m) if self.is_first else [None] * m
-        mb_targets: list[Any] = [None] * m
-        if self.is_last:
-            if targets is None:
-                raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
-            mb_targets = _split(targets, m)
-            got = [flatten(t)[0][0].shape[0] for t in mb_targets]
-            if got != rows:
-                raise ValueError(
-                    f"targets split into micro-batches of {got} rows, inputs into {rows}"
-                )
-        self._events = []
-        losses: dict[int, torch.Tensor] = {}
-        local: dict[tuple[int, str, int], Any] = {}  # hand-offs between stages on this worker
-        posted: dict[Action, PendingRecv] = {}
-        sent_outputs: dict[tuple[int, int], list[TensorMeta]] = {}  # what gradients to expect
-        acts = sched.actions[self.worker]
-        last_stage = sched.num_stages - 1
+        """Execute this worker's action list once: one global batch forward and backward."""
+        st = self._start_step(inputs, targets)
+        acts = self.schedule.actions[self.worker]
         # where each stage's gradients become final: its last B or W of the step
         grads_final = {a.stage: pos for pos, a in enumerate(acts) if a.kind in ("B", "W")}
-
-        def head_for(stage: int, mb: int) -> Callable[[Any], torch.Tensor] | None:
-            if stage != last_stage:
-                return None
-            assert self.loss_fn is not None
-            weight = rows[mb] / total_rows
-            return lambda out: self.loss_fn(out, mb_targets[mb]) * weight  # type: ignore[misc]
-
-        def needs_remote(a: Action) -> int | None:
-            for dep in dependencies(a, sched):
-                if dep.stage != a.stage and sched.stage_worker[dep.stage] != self.worker:
-                    return sched.stage_worker[dep.stage]
-            return None
-
-        def post(a: Action, now: bool) -> None:
-            peer = needs_remote(a)
-            if peer is None or a in posted:
-                return
-            if a.kind == "F":
-                if not now and not self.transport.knows(a.stage - 1, plan[a.microbatch][1]):
-                    return  # new shapes: metadata must be received in order, not ahead
-                posted[a] = self.transport.post_activation(
-                    a.stage - 1, a.microbatch, peer, plan[a.microbatch][1]
-                )
-            elif a.kind in ("B", "I"):
-                like = sent_outputs[(a.stage, a.microbatch)]
-                posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
-
         for pos, a in enumerate(acts):
             # post receives for this action and the next few, so data flows while we compute
             for k, ahead in enumerate(acts[pos : pos + 1 + LOOKAHEAD]):
-                if ahead.kind == "F" or (ahead.stage, ahead.microbatch) in sent_outputs:
-                    post(ahead, now=k == 0)
-            stage = self.stages[a.stage]
-            s, mb = a.stage, a.microbatch
+                self._post(ahead, st, now=k == 0)
             if a.kind == "F":
-                if s == 0:
-                    x = mb_inputs[mb]
-                elif a in posted:
-                    x = self.transport.complete(posted.pop(a))
-                else:
-                    x = local.pop((s - 1, "F", mb))
-                t0 = time.perf_counter()
-                ckpt = self.checkpoint == "always" or (
-                    self.checkpoint == "except_last" and mb < m - 1
-                )
-                try:
-                    out, loss = stage.forward_step(
-                        mb, x, head_for(s, mb), ckpt, capture=sched.splits_backward(s)
-                    )
-                except (RuntimeError, ValueError, TypeError) as err:
-                    raise StageError(_describe_failure(stage, mb, x, s, err)) from err
-                t1 = time.perf_counter()
-                if loss is not None:
-                    losses[mb] = loss.detach()
-                if s < last_stage:
-                    peer = sched.stage_worker[s + 1]
-                    if peer == self.worker:
-                        local[(s, "F", mb)] = out
-                    else:
-                        sent = self.transport.send_activation(out, s, mb, peer, plan[mb][1])
-                        sent_outputs[(s, mb)] = [
-                            TensorMeta.of(t) for t in sent if t.is_floating_point()
-                        ]
-                        _free_sent(out)
-                self._events.append(Event(self.worker, t0, t1, "F", s, mb))
+                self._forward(a, st)
             elif a.kind in ("B", "I"):
-                grads = None
-                if s < last_stage:
-                    if a in posted:
-                        grads = self.transport.complete(posted.pop(a))
-                    else:
-                        grads = local.pop((s + 1, "B", mb))
-                t0 = time.perf_counter()
-                head = head_for(s, mb)
-                if a.kind == "B":
-                    in_grads = stage.backward_step(mb, grads, head)
-                else:
-                    in_grads = stage.input_grad_step(mb, grads, head)
-                t1 = time.perf_counter()
-                if s > 0:
-                    peer = sched.stage_worker[s - 1]
-                    if peer == self.worker:
-                        local[(s, "B", mb)] = in_grads
-                    else:
-                        self.transport.send_gradient(in_grads, s, mb, peer)
-                sent_outputs.pop((s, mb), None)
-                self._events.append(Event(self.worker, t0, t1, a.kind, s, mb))
+                self._backward(a, st)
             else:
                 t0 = time.perf_counter()
-                stage.weight_grad_step(mb)
-                self._events.append(Event(self.worker, t0, time.perf_counter(), "W", s, mb))
+                self.stages[a.stage].weight_grad_step(a.microbatch)
+                self._events.append(
+                    Event(self.worker, t0, time.perf_counter(), "W", a.stage, a.microbatch)
+                )
             if self.grad_reducer is not None and grads_final[a.stage] == pos:
-                self.grad_reducer.stage_done(stage)
+                self.grad_reducer.stage_done(self.stages[a.stage])
             self.transport.reap_sends()
         self.transport.reap_sends(block=True)
         if self.grad_reducer is not None:
             self.grad_reducer.finish()
         self._reduce_tied()
-        return self._share_loss(losses)
+        return self._share_loss(st.losses)
+
+    def _start_step(self, inputs: Any, targets: Any) -> _Step:
+        """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
+        m = self.schedule.num_microbatches
+        plan = self._broadcast_plan(inputs, m)
+        st = _Step(plan=plan, rows=[r for r, _ in plan])
+        st.inputs = _split(inputs, m) if self.is_first else [None] * m
+        if self.is_last:
+            if targets is None:
+                raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
+            st.targets = _split(targets, m)
+            got = [flatten(t)[0][0].shape[0] for t in st.targets]
+            if got != st.rows:
+                raise ValueError(
+                    f"targets split into micro-batches of {got} rows, inputs into {st.rows}"
+                )
+        self._events = []
+        return st
+
+    def _head(self, stage: int, mb: int, st: _Step) -> Callable[[Any], torch.Tensor] | None:
+        """The last stage's loss for micro-batch ``mb``, weighted by its share of the rows."""
+        if stage != self.schedule.num_stages - 1:
+            return None
+        assert self.loss_fn is not None
+        loss_fn, target, weight = self.loss_fn, st.targets[mb], st.rows[mb] / sum(st.rows)
+        return lambda out: loss_fn(out, target) * weight
+
+    def _post(self, a: Action, st: _Step, now: bool) -> None:
+        """Post the receive that action ``a`` will need from another worker, if any."""
+        sched = self.schedule
+        if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
+            return
+        remote = [
+            sched.stage_worker[d.stage]
+            for d in dependencies(a, sched)
+            if d.stage != a.stage and sched.stage_worker[d.stage] != self.worker
+        ]
+        if not remote:
+            return
+        peer = remote[0]
+        if a.kind == "F":
+            signature = st.plan[a.microbatch][1]
+            if not now and not self.transport.knows(a.stage - 1, signature):
+                return  # new shapes: metadata must be received in order, not ahead
+            st.posted[a] = self.transport.post_activation(
+                a.stage - 1, a.microbatch, peer, signature
+            )
+        elif a.kind in ("B", "I"):
+            like = st.sent[(a.stage, a.microbatch)]
+            st.posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
+
+    def _forward(self, a: Action, st: _Step) -> None:
+        s, mb = a.stage, a.microbatch
+        stage = self.stages[s]
+        if s == 0:
+            x = st.inputs[mb]
+        elif a in st.posted:
+            x = self.transport.complete(st.posted.pop(a))
+        else:
+            x = st.local.pop((s - 1, "F", mb))
+        m = self.schedule.num_microbatches
+        ckpt = self.checkpoint == "always" or (self.checkpoint == "except_last" and mb < m - 1)
+        t0 = time.perf_counter()
+        try:
+            out, loss = stage.forward_step(mb, x, self._head(s, mb, st), ckpt,
+                                           capture=self.schedule.splits_backward(s))  # fmt: skip
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise StageError(_describe_failure(stage, mb, x, s, err)) from err
+        t1 = time.perf_counter()
+        if loss is not None:
+            st.losses[mb] = loss.detach()
+        if s < self.schedule.num_stages - 1:
+            peer = self.schedule.stage_worker[s + 1]
+            if peer == self.worker:
+                st.local[(s, "F", mb)] = out
+            else:
+                sent = self.transport.send_activation(out, s, mb, peer, st.plan[mb][1])
+                st.sent[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
+                _free_sent(out)
+        self._events.append(Event(self.worker, t0, t1, "F", s, mb))
+
+    def _backward(self, a: Action, st: _Step) -> None:
+        s, mb = a.stage, a.microbatch
+        stage = self.stages[s]
+        grads = None
+        if s < self.schedule.num_stages - 1:
+            if a in st.posted:
+                grads = self.transport.complete(st.posted.pop(a))
+            else:
+                grads = st.local.pop((s + 1, "B", mb))
+        t0 = time.perf_counter()
+        head = self._head(s, mb, st)
+        if a.kind == "B":
+            in_grads = stage.backward_step(mb, grads, head)
+        else:
+            in_grads = stage.input_grad_step(mb, grads, head)
+        t1 = time.perf_counter()
+        if s > 0:
+            peer = self.schedule.stage_worker[s - 1]
+            if peer == self.worker:
+                st.local[(s, "B", mb)] = in_grads
+            else:
+                self.transport.send_gradient(in_grads, s, mb, peer)
+        st.sent.pop((s, mb), None)
+        self._events.append(Event(self.worker, t0, t1, a.kind, s, mb))
 
     def _reduce_tied(self) -> None:
         for tie in self._ties:
@@ -538,6 +546,20 @@ class Pipeline:
             },
         )
         return tl.shifted()
+
+
+@dataclass
+class _Step:
+    """What one training step keeps while this worker walks its action list."""
+
+    plan: list[Any]  # per micro-batch: (rows, shape signature), the same on every worker
+    rows: list[int]
+    inputs: list[Any] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
+    posted: dict[Action, PendingRecv] = field(default_factory=dict)  # receives already posted
+    sent: dict[tuple[int, int], list[TensorMeta]] = field(default_factory=dict)  # grads to expect
 
 
 class StageError(RuntimeError):
