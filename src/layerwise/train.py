@@ -28,10 +28,17 @@ from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Layout, build_mesh, check_layout
 from layerwise.parallel.tensor import tensor_parallel
 from layerwise.parallel.zero import ShardedOptimizer
+from layerwise.rundir import (
+    RunLog,
+    progress_bar,
+    simulated_twin,
+    update_progress,
+    write_pictures,
+    write_summary,
+)
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
-from layerwise.simulate import measured_costs, simulate
-from layerwise.timeline import Timeline, render_png, write_chrome_trace
+from layerwise.timeline import Timeline
 
 
 @dataclass
@@ -142,33 +149,6 @@ def global_grad_norm(pipe: Pipeline, groups: Groups) -> float:
     return float(total.sqrt().item())
 
 
-def simulated_twin(measured: Timeline, pipe: Pipeline) -> Timeline:
-    """Simulate the same schedule with the stage times and hand-off latency this step had."""
-    costs = measured_costs([measured], pipe.schedule)
-    twin = simulate(pipe.schedule, costs)
-    twin.meta["costs"] = dataclasses.asdict(costs)
-    return twin
-
-
-class RunLog:
-    """Rank 0's writer for metrics.jsonl; a resumed run drops lines after its checkpoint."""
-
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # lines past the checkpoint belong to a run that was lost
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) < resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = self.path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-
 @dataclass
 class Groups:
     """This rank's place in the (dp, pp, tp) grid and the process groups along each axis."""
@@ -212,12 +192,7 @@ def _setup(cfg: TrainConfig) -> Groups:
     )
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or continue) the training job on this rank; return the final metrics."""
-    groups = _setup(cfg)
-    rank = groups.rank
-    run_dir = Path(cfg.run_dir)
-    torch.manual_seed(cfg.seed + rank)
+def _build_pipeline(cfg: TrainConfig, groups: Groups) -> Pipeline:
     gpt = cfg.gpt()
     tp_mesh = groups.tp_mesh
     device = (
@@ -225,7 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if cfg.device == "cuda"
         else torch.device("cpu")
     )
-    pipe = Pipeline(
+    return Pipeline(
         gpt_layers(gpt),
         schedule=cfg.schedule,
         microbatches=cfg.microbatches,
@@ -242,140 +217,144 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         parallelize=(lambda i, m: tensor_parallel(m, tp_mesh)) if tp_mesh is not None else None,
         grad_reducer=GradReducer(groups.dp) if groups.layout.dp > 1 and groups.dp else None,
     )
-    params = list(pipe.parameters())
 
-    def make_optimizer(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        groups_ = [
-            {"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW([g for g in groups_ if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+
+def _build_optimizer(
+    cfg: TrainConfig, groups: Groups, params: list[torch.nn.Parameter]
+) -> tuple[Any, torch.optim.Optimizer]:
+    """Return (what steps, the torch optimizer whose state is checkpointed)."""
+
+    def make(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        decay = [p for p in ps if p.dim() >= 2]  # matrices decay; norms and biases do not
+        rest = [p for p in ps if p.dim() < 2]
+        param_groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                        {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+        return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr,
+                                 betas=(0.9, 0.95))  # fmt: skip
 
     if cfg.zero and groups.layout.dp > 1:
         assert groups.dp is not None
-        sharded = ShardedOptimizer(params, groups.dp, make_optimizer)
-        opt, inner = sharded, sharded.inner
-    else:
-        opt = inner = make_optimizer(params)
-    start = 0
-    if resume:
-        path = ckpt.latest(run_dir / "checkpoints")
+        sharded = ShardedOptimizer(params, groups.dp, make)
+        return sharded, sharded.inner
+    opt = make(params)
+    return opt, opt
+
+
+class Trainer:
+    """One rank's part of the job: its pipeline stages, optimizer, and (on the first and
+    last pipeline workers) the data."""
+
+    def __init__(self, cfg: TrainConfig, groups: Groups) -> None:
+        self.cfg, self.groups = cfg, groups
+        self.run_dir = Path(cfg.run_dir)
+        self.pipe = _build_pipeline(cfg, groups)
+        self.params = list(self.pipe.parameters())
+        self.opt, self.inner = _build_optimizer(cfg, groups, self.params)
+        self.guard = StepGuard(max_nonfinite=cfg.max_nonfinite, warmup=cfg.warmup)
+        self.batcher: Batcher | None = None
+        self.val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.pipe.is_first or self.pipe.is_last:  # only they touch tokens
+            corpus = load_corpus(cfg.data, cfg.data_bytes)
+            tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+            train_tokens, val_tokens = split(tokens, 0.1)
+            self.batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+            val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+            self.val = val.eval_batches(cfg.eval_batches)
+
+    def resume(self) -> int:
+        """Load the latest checkpoint; return the step to continue from."""
+        path = ckpt.latest(self.run_dir / "checkpoints")
         if path is None:
-            raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-        extra = ckpt.load(path, pipe.module(), inner)
-        start = int(extra["step"])
+            raise FileNotFoundError(f"no complete checkpoint in {self.run_dir / 'checkpoints'}")
+        extra = ckpt.load(path, self.pipe.module(), self.inner)
         torch.set_rng_state(extra["rng"])
-    batcher = val = None
-    if pipe.is_first or pipe.is_last:
-        tokens = torch.frombuffer(
-            bytearray(load_corpus(cfg.data, cfg.data_bytes)), dtype=torch.uint8
-        ).long()
-        train_tokens, val_tokens = split(tokens, 0.1)
-        batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-        val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed).eval_batches(
-            cfg.eval_batches
-        )
+        return int(extra["step"])
+
+    def _mean_over_replicas(self, loss: float) -> float:
+        if self.groups.layout.dp == 1:
+            return loss
+        mean = torch.tensor([loss], dtype=torch.float64, device=self.pipe.comm_device)
+        dist.all_reduce(mean, group=self.groups.dp)
+        return float(mean.item()) / self.groups.layout.dp
+
+    def step(self, step: int) -> tuple[dict[str, Any], Timeline]:
+        """Train on batch ``step``; return its record and measured timeline."""
+        cfg, pipe = self.cfg, self.pipe
+        t0 = time.perf_counter()
+        x, y = (None, None)
+        if self.batcher is not None:  # each replica gets its share of the global batch
+            x, y = self.batcher.get_batch(step, self.groups.dp_rank, self.groups.layout.dp)
+        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        loss = self._mean_over_replicas(loss)
+        norm = global_grad_norm(pipe, self.groups)
+        record: dict[str, Any] = {"step": step, "loss": loss, "grad_norm": norm,
+                                  "lr": lr_at(cfg, step)}  # fmt: skip
+        record.update(self.guard.check(step, loss, norm))  # the same verdict on every rank
+        if "skipped" not in record:
+            scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
+            for group in self.opt.param_groups:
+                group["lr"] = record["lr"]
+            for p in self.params:
+                if p.grad is not None and scale < 1.0:
+                    p.grad.mul_(scale)
+            self.opt.step()
+        pipe.zero_grad()
+        measured = pipe.timeline()
+        elapsed = time.perf_counter() - t0
+        record.update(step_time=elapsed, tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
+                      idle=measured.bubble_fraction())  # fmt: skip
+        return record, measured
+
+    def validation_loss(self) -> float:
+        pipe = self.pipe
+        batches = self.val or [(None, None)] * self.cfg.eval_batches
+        losses = [pipe.evaluate(vx if pipe.is_first else None, vy if pipe.is_last else None)
+                  for vx, vy in batches]  # fmt: skip
+        return sum(losses) / len(losses)
+
+    def save(self, step: int) -> None:
+        extra = {"step": step, "rng": torch.get_rng_state()}
+        ckpt.save(self.run_dir / "checkpoints", step, self.pipe.module(), self.inner, extra)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or continue) the training job on this rank; return the final metrics."""
+    groups = _setup(cfg)
+    rank = groups.rank
+    torch.manual_seed(cfg.seed + rank)
+    trainer = Trainer(cfg, groups)
+    start = trainer.resume() if resume else 0
+    run_dir = trainer.run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = RunLog(run_dir, start) if rank == 0 else None
-    bar = _progress(cfg, start) if rank == 0 else None
-    guard = StepGuard(max_nonfinite=cfg.max_nonfinite, warmup=cfg.warmup)
+    bar = progress_bar(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
     record: dict[str, Any] = {}
     measured = None
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        x, y = (
-            batcher.get_batch(step, groups.dp_rank, groups.layout.dp)
-            if batcher is not None
-            else (None, None)
-        )
-        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
-        if groups.layout.dp > 1:  # each replica saw its share of the batch: report the mean
-            mean = torch.tensor([loss], dtype=torch.float64, device=pipe.comm_device)
-            dist.all_reduce(mean, group=groups.dp)
-            loss = float(mean.item()) / groups.layout.dp
-        norm = global_grad_norm(pipe, groups)
-        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, step)}
-        record.update(guard.check(step, loss, norm))  # the same verdict on every rank
-        if "skipped" not in record:
-            scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
-            for group in opt.param_groups:
-                group["lr"] = record["lr"]
-            for p in params:
-                if p.grad is not None and scale < 1.0:
-                    p.grad.mul_(scale)
-            opt.step()
-        pipe.zero_grad()
-        measured = pipe.timeline()
-        elapsed = time.perf_counter() - t0
-        record.update(
-            step_time=elapsed,
-            tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
-            idle=measured.bubble_fraction(),
-        )
+        record, measured = trainer.step(step)
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_interval == 0 or last:
-            losses = [
-                pipe.evaluate(vx if pipe.is_first else None, vy if pipe.is_last else None)
-                for vx, vy in (val or [(None, None)] * cfg.eval_batches)
-            ]
-            record["val_loss"] = sum(losses) / len(losses)
+            record["val_loss"] = trainer.validation_loss()
         if (step + 1) % cfg.save_interval == 0 or last:
-            ckpt.save(
-                run_dir / "checkpoints",
-                step + 1,
-                pipe.module(),
-                inner,
-                {"step": step + 1, "rng": torch.get_rng_state()},
-            )
+            trainer.save(step + 1)
         if log is not None and bar is not None:
             log.write(record)
-            _update_progress(bar, record)
+            update_progress(bar, record)
     if bar is not None:
         bar.close()
     if measured is not None:
+        pipe = trainer.pipe
         measured.meta["stage_sizes"] = pipe.partition.sizes
         measured.meta["cores"] = os.cpu_count() or 1
         measured.meta["local_workers"] = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        twin = simulated_twin(measured, pipe)
+        twin = simulated_twin(measured, pipe.schedule)
         if rank == 0:
-            _write_pictures(run_dir, measured, twin)
-    _write_summary(run_dir, cfg, record, pipe)
+            write_pictures(run_dir, measured, twin)
+    write_summary(run_dir, str(cfg.parallel_layout()), record, trainer.pipe)
     return record
-
-
-def _write_summary(run_dir: Path, cfg: TrainConfig, record: dict[str, Any], pipe: Pipeline) -> None:
-    """Gather each rank's peak resident memory and parameter count into summary.json."""
-    import resource
-
-    mine = {
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "parameters": sum(
-            (p.to_local() if isinstance(p, DTensor) else p).numel() for p in pipe.parameters()
-        ),
-        "stages": sorted(pipe.stages),
-    }
-    ranks: list[Any] = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        summary = {"layout": str(cfg.parallel_layout()), "final": record, "ranks": ranks}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
-def _write_pictures(run_dir: Path, measured: Timeline, twin: Timeline) -> None:
-    (run_dir / "timeline.json").write_text(
-        json.dumps({"measured": measured.to_json(), "simulated": twin.to_json()})
-    )
-    render_png(
-        [measured, twin],
-        run_dir / "timeline.png",
-        titles=["measured (last step)", "simulated with the measured stage times and hand-offs"],
-    )
-    write_chrome_trace([measured, twin], run_dir / "trace.json")
 
 
 def _layout_label(cfg: TrainConfig) -> str:
@@ -383,33 +362,6 @@ def _layout_label(cfg: TrainConfig) -> str:
     if layout.world == layout.pp:
         return f"{layout.pp} workers {cfg.schedule}"
     return f"dp{layout.dp} pp{layout.pp} tp{layout.tp} {cfg.schedule}"
-
-
-def _progress(cfg: TrainConfig, start: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc=_layout_label(cfg),
-        unit="step",
-        dynamic_ncols=True,
-    )
-
-
-def _update_progress(bar: Any, record: dict[str, Any]) -> None:
-    post = {
-        "loss": f"{record['loss']:.3f}",
-        "tok/s": f"{record['tokens_per_s']:.0f}",
-        "idle": f"{100 * record['idle']:.0f}%",
-    }
-    if "val_loss" in record:
-        bar.write(f"step {record['step'] + 1}: val loss {record['val_loss']:.3f}")
-    for key in ("skipped", "spike"):
-        if key in record:
-            bar.write(f"step {record['step'] + 1}: {record[key]}")
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
 
 
 def main_worker(cfg: TrainConfig, resume: bool) -> int:

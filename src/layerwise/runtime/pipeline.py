@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,43 +16,19 @@ from torch import nn
 
 from layerwise.partition import Partition
 from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, materialize, resolve_balance
-from layerwise.runtime.stage import Stage, free_unsaved
-from layerwise.runtime.transport import PendingRecv, Transport
-from layerwise.runtime.tree import TensorMeta, flatten, map_tensors, signature, unflatten
+from layerwise.runtime.stage import Stage
+from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
+from layerwise.runtime.ties import Tie
+from layerwise.runtime.transport import Transport
+from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
 from layerwise.schedules import Action, Schedule, dependencies, generate, validate
 from layerwise.timeline import Event, Timeline
 
 CHECKPOINT_MODES = ("never", "always", "except_last")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 LOOKAHEAD = 2  # receives posted this many actions ahead of need
-TIE_TAG = 2**30  # tags above every activation and gradient tag
 
 TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
-
-
-def _split(value: Any, m: int) -> list[Any]:
-    """Cut every tensor of ``value`` into ``m`` micro-batches along dim 0."""
-    tensors, _ = flatten(value)
-    if not tensors:
-        raise ValueError("a batch must contain at least one tensor")
-    rows = tensors[0].shape[0]
-    if rows < m:
-        raise ValueError(f"a batch of {rows} rows cannot be cut into {m} micro-batches")
-    for t in tensors:
-        if t.shape[0] != rows:
-            raise ValueError(
-                f"all tensors of a batch need the same first dimension ({rows}), "
-                f"got {tuple(t.shape)}"
-            )
-    pieces = [torch.tensor_split(t, m) for t in tensors]
-    return [map_tensors(value, _indexer(pieces, i)) for i in range(m)]
-
-
-def _indexer(
-    pieces: list[tuple[torch.Tensor, ...]], i: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    it: Iterator[tuple[torch.Tensor, ...]] = iter(pieces)
-    return lambda _t: next(it)[i]
 
 
 class Pipeline:
@@ -272,7 +247,7 @@ class Pipeline:
         if self.is_first:
             if inputs is None:
                 raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
-            plan = [[(flatten(mb)[0][0].shape[0], signature(mb)) for mb in _split(inputs, m)]]
+            plan = [[(flatten(mb)[0][0].shape[0], signature(mb)) for mb in split_batch(inputs, m)]]
         if self.num_workers > 1:
             src = self._global(self.schedule.stage_worker[0])
             dist.broadcast_object_list(plan, src=src, group=self.group)
@@ -324,16 +299,16 @@ class Pipeline:
         self._reduce_tied()
         return self._share_loss(st.losses)
 
-    def _start_step(self, inputs: Any, targets: Any) -> _Step:
+    def _start_step(self, inputs: Any, targets: Any) -> Step:
         """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
         m = self.schedule.num_microbatches
         plan = self._broadcast_plan(inputs, m)
-        st = _Step(plan=plan, rows=[r for r, _ in plan])
-        st.inputs = _split(inputs, m) if self.is_first else [None] * m
+        st = Step(plan=plan, rows=[r for r, _ in plan])
+        st.inputs = split_batch(inputs, m) if self.is_first else [None] * m
         if self.is_last:
             if targets is None:
                 raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
-            st.targets = _split(targets, m)
+            st.targets = split_batch(targets, m)
             got = [flatten(t)[0][0].shape[0] for t in st.targets]
             if got != st.rows:
                 raise ValueError(
@@ -342,7 +317,7 @@ class Pipeline:
         self._events = []
         return st
 
-    def _head(self, stage: int, mb: int, st: _Step) -> Callable[[Any], torch.Tensor] | None:
+    def _head(self, stage: int, mb: int, st: Step) -> Callable[[Any], torch.Tensor] | None:
         """The last stage's loss for micro-batch ``mb``, weighted by its share of the rows."""
         if stage != self.schedule.num_stages - 1:
             return None
@@ -350,7 +325,7 @@ class Pipeline:
         loss_fn, target, weight = self.loss_fn, st.targets[mb], st.rows[mb] / sum(st.rows)
         return lambda out: loss_fn(out, target) * weight
 
-    def _post(self, a: Action, st: _Step, now: bool) -> None:
+    def _post(self, a: Action, st: Step, now: bool) -> None:
         """Post the receive that action ``a`` will need from another worker, if any."""
         sched = self.schedule
         if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
@@ -374,7 +349,7 @@ class Pipeline:
             like = st.sent[(a.stage, a.microbatch)]
             st.posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
 
-    def _forward(self, a: Action, st: _Step) -> None:
+    def _forward(self, a: Action, st: Step) -> None:
         s, mb = a.stage, a.microbatch
         stage = self.stages[s]
         if s == 0:
@@ -390,7 +365,7 @@ class Pipeline:
             out, loss = stage.forward_step(mb, x, self._head(s, mb, st), ckpt,
                                            capture=self.schedule.splits_backward(s))  # fmt: skip
         except (RuntimeError, ValueError, TypeError) as err:
-            raise StageError(_describe_failure(stage, mb, x, s, err)) from err
+            raise StageError(describe_failure(stage, mb, x, s, err)) from err
         t1 = time.perf_counter()
         if loss is not None:
             st.losses[mb] = loss.detach()
@@ -401,10 +376,10 @@ class Pipeline:
             else:
                 sent = self.transport.send_activation(out, s, mb, peer, st.plan[mb][1])
                 st.sent[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
-                _free_sent(out)
+                free_sent(out)
         self._events.append(Event(self.worker, t0, t1, "F", s, mb))
 
-    def _backward(self, a: Action, st: _Step) -> None:
+    def _backward(self, a: Action, st: Step) -> None:
         s, mb = a.stage, a.microbatch
         stage = self.stages[s]
         grads = None
@@ -488,7 +463,7 @@ class Pipeline:
         sched = self.schedule
         m = sched.num_microbatches
         plan = self._broadcast_plan(inputs, m)
-        mb_inputs = _split(inputs, m) if self.is_first else [None] * m
+        mb_inputs = split_batch(inputs, m) if self.is_first else [None] * m
         outputs: dict[int, Any] = {}
         local: dict[tuple[int, int], Any] = {}
         fwd = [a for a in sched.actions[self.worker] if a.kind == "F"]
@@ -546,63 +521,3 @@ class Pipeline:
             },
         )
         return tl.shifted()
-
-
-@dataclass
-class _Step:
-    """What one training step keeps while this worker walks its action list."""
-
-    plan: list[Any]  # per micro-batch: (rows, shape signature), the same on every worker
-    rows: list[int]
-    inputs: list[Any] = field(default_factory=list)
-    targets: list[Any] = field(default_factory=list)
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
-    posted: dict[Action, PendingRecv] = field(default_factory=dict)  # receives already posted
-    sent: dict[tuple[int, int], list[TensorMeta]] = field(default_factory=dict)  # grads to expect
-
-
-class StageError(RuntimeError):
-    """A stage's own computation failed; the message names the stage and its input."""
-
-
-def _describe_failure(stage: Stage, mb: int, x: Any, s: int, err: Exception) -> str:
-    inputs = ", ".join(TensorMeta.of(t).describe() for t in flatten(x)[0])
-    source = "the batch" if s == 0 else f"stage {s - 1}"
-    return (
-        f"{stage.describe()} failed on micro-batch {mb}, whose input from {source} is "
-        f"[{inputs}]: {type(err).__name__}: {err}"
-    )
-
-
-class Tie:
-    """One copy of a parameter that another worker of the pipeline also holds."""
-
-    def __init__(self, param: nn.Parameter, peer_rank: int, leader: bool) -> None:
-        self.param, self.peer, self.leader = param, peer_rank, leader
-
-    def sync_values(self, group: dist.ProcessGroup | None) -> None:
-        """Make both copies start equal: the leader's values win."""
-        with torch.no_grad():
-            if self.leader:
-                dist.send(self.param.data.contiguous(), dst=self.peer, group=group, tag=TIE_TAG)
-            else:
-                buf = torch.empty_like(self.param.data)
-                dist.recv(buf, src=self.peer, group=group, tag=TIE_TAG)
-                self.param.data.copy_(buf)
-
-    def sum_grads(self, group: dist.ProcessGroup | None) -> None:
-        """Replace each copy's gradient with the sum of both, so the copies stay identical."""
-        p = self.param
-        mine = p.grad if p.grad is not None else torch.zeros_like(p)
-        theirs = torch.empty_like(mine)
-        send = dist.isend(mine.contiguous(), dst=self.peer, group=group, tag=TIE_TAG + 1)
-        dist.recv(theirs, src=self.peer, group=group, tag=TIE_TAG + 1)
-        send.wait()
-        # add in a fixed order so both workers get bit-identical sums
-        p.grad = mine + theirs if self.leader else theirs + mine
-
-
-def _free_sent(out: Any) -> None:
-    """Free an output's memory once sent; its autograd node stays for the backward."""
-    free_unsaved(flatten(out)[0])
