@@ -122,12 +122,13 @@ def plan_repeated(plan: dict[str, int], repeats: int) -> tuple[list[str], list[l
     return runs[0][0], [rows for _, rows in runs]
 
 
-def predictions(runs: list[list[dict[str, Any]]]) -> dict[tuple[int, int], list[float]]:
-    """(dp, pp) -> the predicted step seconds of each planner run."""
-    out: dict[tuple[int, int], list[float]] = {}
+def predictions(runs: list[list[dict[str, Any]]]) -> dict[tuple[int, int, int], list[float]]:
+    """(dp, tp, pp) -> the predicted step seconds of each planner run."""
+    out: dict[tuple[int, int, int], list[float]] = {}
     for rows in runs:
         for r in rows:
-            out.setdefault((int(r["dp"]), int(r["pp"])), []).append(float(r["step_time_s"]))
+            key = (int(r["dp"]), int(r.get("tp", 1)), int(r["pp"]))
+            out.setdefault(key, []).append(float(r["step_time_s"]))
     return out
 
 
@@ -207,7 +208,7 @@ def main() -> None:
 
     rows = []
     for r in results:
-        runs = pred.get((r["dp"], r["pp"])) if r["tp"] == 1 else None
+        runs = pred.get((r["dp"], r["tp"], r["pp"]))
         p = statistics.median(runs) if runs else None
         r["predicted_step_time_s"] = p
         r["predicted_runs_s"] = runs

@@ -73,8 +73,18 @@ def test_local_prediction_uses_measured_costs() -> None:
     assert cost.forward > 0 and cost.backward > 0
     rows = predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=LayerCost(0.01, 0.02, 50_000))
     by = {r["layout"]: r for r in rows}
-    assert set(by) == {"dp2 pp1 mb2", "dp1 pp2 mb2"}
+    assert set(by) == {"dp2 tp1 pp1 mb2", "dp1 tp1 pp2 mb2", "dp1 tp2 pp1 mb2"}
     # pp=2: 4 micro-batches through 2 stages of 2 layers each, plus the simulated bubble
-    pipe = by["dp1 pp2 mb2"]
+    pipe = by["dp1 tp1 pp2 mb2"]
     assert float(pipe["step_time_s"]) > 4 * 2 * 0.03
     assert 0 < float(pipe["bubble_fraction"]) < 0.5
+
+
+def test_local_tensor_parallel_halves_compute_and_pays_all_reduces() -> None:
+    cost = LayerCost(0.01, 0.02, 50_000)
+    rows = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
+                                                    cores=2)}  # fmt: skip
+    tp = float(rows["dp1 tp2 pp1 mb2"]["step_time_s"])
+    # 4 micro-batches x 4 layers x (F + B) / 2 of compute, plus 4 all-reduces per layer
+    assert tp > 4 * 4 * 0.03 / 2
+    assert tp < 4 * 4 * 0.03  # still faster than one worker doing it all

@@ -1,4 +1,4 @@
-"""``layerwise plan``: argument parsing and output; the lead wires it into ``layerwise``.
+"""``layerwise plan``: argument parsing and output for the ``plan`` sub-command.
 
     layerwise plan --model llama3-70b --gpu h100-80gb --gpus 64 --global-batch 1024
     layerwise plan evaluate --layers 96 --hidden 12288 --heads 96 --seq 2048 --vocab 51200 \\
@@ -176,11 +176,6 @@ def run_plan(args: argparse.Namespace) -> int:
     """Runs ``layerwise plan``; returns the exit code (1 on bad input, 2 if nothing fits)."""
     try:
         if args.local:
-            if (args.tp or 1) > 1:
-                raise PlanError(
-                    "--local predicts CPU pipelines and data parallelism only; "
-                    "drop --tp (tensor parallelism is not modelled on CPU)"
-                )
             if args.schedule not in (None, "1f1b", "gpipe", "zb-h1"):
                 raise PlanError(f"--local simulates one schedule at a time, not {args.schedule!r}")
             from layerwise.planner.local import run_local  # torch is imported only here

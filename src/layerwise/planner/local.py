@@ -87,8 +87,9 @@ def predict_local(
     workers: int, cost: LayerCost | None = None, schedule: str = "1f1b",
     cores: int | None = None,
 ) -> list[dict[str, float | int | str]]:  # fmt: skip
-    """Returns predicted step seconds for each (dp, pp) split of ``workers`` CPU processes,
-    fastest first. ``cost`` is measured when not given.
+    """Returns predicted step seconds for each (dp, tp, pp) split of ``workers`` CPU
+    processes, fastest first. ``cost`` is measured when not given. Tensor parallelism divides
+    a block's compute by tp and adds its all-reduces (two per pass, one activation each).
 
     With more workers than ``cores`` the workers share them: a step then takes at least the
     whole job's compute divided by the cores, however the schedule overlaps it."""
@@ -97,23 +98,29 @@ def predict_local(
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
     out: list[dict[str, float | int | str]] = []
-    for pp in (p for p in range(1, workers + 1) if workers % p == 0 and layers % p == 0):
-        dp = workers // pp
-        if global_batch % (dp * micro_batch):
-            continue
-        m = global_batch // (dp * micro_batch)
-        send = LOCAL_LATENCY_S + 4.0 * seq * micro_batch * hidden / (LOCAL_GBPS * 1e9)
-        f = layers / pp * cost.forward + (send if pp > 1 else 0.0)
-        b = layers / pp * cost.backward + (send if pp > 1 else 0.0)
-        pipe, bubble = pipeline_time(schedule, pp, m, 1, f, b, 0.0)
-        if workers > cores:  # time-sliced: the busy time of all workers shares the cores
-            pipe = max(pipe, dp * pp * m * (f + b) / cores)
-        grads = 4.0 * cost.params * layers / pp  # fp32 gradients, ring all-reduce
-        allreduce = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
-        out.append({"layout": f"dp{dp} pp{pp} mb{micro_batch}", "dp": dp, "pp": pp,
-                    "num_microbatches": m, "step_time_s": pipe + allreduce,
-                    "bubble_fraction": bubble, "layer_forward_s": cost.forward,
-                    "layer_backward_s": cost.backward})  # fmt: skip
+    act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
+    send = LOCAL_LATENCY_S + act_bytes / (LOCAL_GBPS * 1e9)
+    for tp in (t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0):
+        # a ring all-reduce of one activation; a block does two in forward, two in backward
+        ring = 2 * (tp - 1) * (LOCAL_LATENCY_S + act_bytes / tp / (LOCAL_GBPS * 1e9))
+        for pp in (p for p in range(1, workers // tp + 1)
+                   if (workers // tp) % p == 0 and layers % p == 0):  # fmt: skip
+            dp = workers // (tp * pp)
+            if global_batch % (dp * micro_batch):
+                continue
+            m = global_batch // (dp * micro_batch)
+            per_stage = layers / pp
+            f = per_stage * (cost.forward / tp + 2 * ring) + (send if pp > 1 else 0.0)
+            b = per_stage * (cost.backward / tp + 2 * ring) + (send if pp > 1 else 0.0)
+            pipe, bubble = pipeline_time(schedule, pp, m, 1, f, b, 0.0)
+            if workers > cores:  # time-sliced: the busy time of all workers shares the cores
+                pipe = max(pipe, dp * tp * pp * m * (f + b) / cores)
+            grads = 4.0 * cost.params * layers / (pp * tp)  # fp32 gradients, ring all-reduce
+            allreduce = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
+            out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
+                        "pp": pp, "num_microbatches": m, "step_time_s": pipe + allreduce,
+                        "bubble_fraction": bubble, "layer_forward_s": cost.forward,
+                        "layer_backward_s": cost.backward})  # fmt: skip
     return sorted(out, key=lambda r: float(r["step_time_s"]))
 
 
