@@ -104,6 +104,7 @@ class Pipeline:
             on_wait=self._record_wait,
         )
         self._events: list[Event] = []
+        self._last_plan: list[Any] | None = None  # the micro-batches' shapes of the last step
         self._last_timeline: Timeline | None = None
         self._ties = self._setup_ties(tied)
 
@@ -242,16 +243,29 @@ class Pipeline:
     # -- one step -----------------------------------------------------------------------------
 
     def _broadcast_plan(self, inputs: Any, m: int) -> list[Any]:
-        """Tell every worker the shape signature of each micro-batch (first worker knows)."""
-        plan: list[Any] = [None]
+        """Tell every worker the shape signature of each micro-batch (first worker knows).
+
+        Shapes rarely change between steps, so the first worker broadcasts one number saying
+        whether they did, and the pickled plan only when they did (one small collective per
+        step instead of two and a pickle)."""
+        plan: list[Any] | None = None
         if self.is_first:
             if inputs is None:
                 raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
-            plan = [[(flatten(mb)[0][0].shape[0], signature(mb)) for mb in split_batch(inputs, m)]]
+            plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in split_batch(inputs, m)]
         if self.num_workers > 1:
             src = self._global(self.schedule.stage_worker[0])
-            dist.broadcast_object_list(plan, src=src, group=self.group)
-        return plan[0]  # type: ignore[no-any-return]
+            changed = torch.tensor([int(plan != self._last_plan)], device=self.comm_device)
+            dist.broadcast(changed, src=src, group=self.group)
+            if changed.item():
+                box = [plan]
+                dist.broadcast_object_list(box, src=src, group=self.group)
+                plan = box[0]
+            else:
+                plan = self._last_plan
+        assert plan is not None
+        self._last_plan = plan
+        return plan
 
     def _record_wait(self, t0: float, t1: float) -> None:
         if t1 - t0 > 20e-6:  # ignore waits that found their data already there
