@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from layerwise.parallel.data import local_tensor
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.schedules import Schedule
 from layerwise.simulate import measured_costs, simulate
@@ -62,9 +62,7 @@ def write_summary(run_dir: Path, layout: str, record: dict[str, Any], pipe: Pipe
     (collective: every rank calls it)."""
     mine = {
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "parameters": sum(
-            (p.to_local() if isinstance(p, DTensor) else p).numel() for p in pipe.parameters()
-        ),
+        "parameters": sum(local_tensor(p).numel() for p in pipe.parameters()),
         "stages": sorted(pipe.stages),
     }
     ranks: list[Any] = [mine]

@@ -12,7 +12,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds (a DTensor's local shard, or the tensor itself)."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t  # type: ignore[no-any-return]
@@ -34,7 +34,7 @@ class GradReducer:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grads.append(_local(p.grad))
+            grads.append(local_tensor(p.grad))
         if not grads:
             return
         flat = _flatten_dense_tensors(grads)

@@ -14,10 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t  # type: ignore[no-any-return]
+from layerwise.parallel.data import local_tensor
 
 
 def assign_owners(params: Sequence[nn.Parameter], replicas: int) -> list[int]:
@@ -25,10 +22,10 @@ def assign_owners(params: Sequence[nn.Parameter], replicas: int) -> list[int]:
     replica holds about the same number of optimizer-state elements."""
     load = [0] * replicas
     owners = [0] * len(params)
-    for i in sorted(range(len(params)), key=lambda i: -_local(params[i]).numel()):
+    for i in sorted(range(len(params)), key=lambda i: -local_tensor(params[i]).numel()):
         owner = min(range(replicas), key=lambda r: (load[r], r))
         owners[i] = owner
-        load[owner] += _local(params[i]).numel()
+        load[owner] += local_tensor(params[i]).numel()
     return owners
 
 
@@ -55,7 +52,9 @@ class ShardedOptimizer:
         with torch.no_grad():
             for p, owner in zip(self.params, self.owners, strict=True):
                 dist.broadcast(
-                    _local(p.data), src=dist.get_global_rank(self.group, owner), group=self.group
+                    local_tensor(p.data),
+                    src=dist.get_global_rank(self.group, owner),
+                    group=self.group,
                 )
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -242,7 +242,16 @@ class Pipeline:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _broadcast_plan(self, inputs: Any, m: int) -> list[Any]:
+    def _micro_batches(self, inputs: Any) -> list[Any]:
+        """Cut the batch into micro-batches on the first worker; None placeholders elsewhere."""
+        m = self.schedule.num_microbatches
+        if not self.is_first:
+            return [None] * m
+        if inputs is None:
+            raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
+        return split_batch(inputs, m)
+
+    def _broadcast_plan(self, micro_batches: list[Any]) -> list[Any]:
         """Tell every worker the shape signature of each micro-batch (first worker knows).
 
         Shapes rarely change between steps, so the first worker broadcasts one number saying
@@ -250,9 +259,7 @@ class Pipeline:
         step instead of two and a pickle)."""
         plan: list[Any] | None = None
         if self.is_first:
-            if inputs is None:
-                raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
-            plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in split_batch(inputs, m)]
+            plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in micro_batches]
         if self.num_workers > 1:
             src = self._global(self.schedule.stage_worker[0])
             changed = torch.tensor([int(plan != self._last_plan)], device=self.comm_device)
@@ -316,9 +323,9 @@ class Pipeline:
     def _start_step(self, inputs: Any, targets: Any) -> Step:
         """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
         m = self.schedule.num_microbatches
-        plan = self._broadcast_plan(inputs, m)
-        st = Step(plan=plan, rows=[r for r, _ in plan])
-        st.inputs = split_batch(inputs, m) if self.is_first else [None] * m
+        micro_batches = self._micro_batches(inputs)
+        plan = self._broadcast_plan(micro_batches)
+        st = Step(plan=plan, rows=[r for r, _ in plan], inputs=micro_batches)
         if self.is_last:
             if targets is None:
                 raise ValueError(f"worker {self.worker} holds the last stage and needs the targets")
@@ -476,8 +483,8 @@ class Pipeline:
         return the concatenated output on the last worker and None elsewhere."""
         sched = self.schedule
         m = sched.num_microbatches
-        plan = self._broadcast_plan(inputs, m)
-        mb_inputs = split_batch(inputs, m) if self.is_first else [None] * m
+        mb_inputs = self._micro_batches(inputs)
+        plan = self._broadcast_plan(mb_inputs)
         outputs: dict[int, Any] = {}
         local: dict[tuple[int, int], Any] = {}
         fwd = [a for a in sched.actions[self.worker] if a.kind == "F"]
