@@ -2,12 +2,17 @@
 
 Layers of fixed cost (``SleepLayer``: forward F ms, backward B ms, no CPU used) run on p
 worker processes over gloo. For each schedule and micro-batch count the script reports the
-median step time after a warm-up, the simulator's prediction for the same costs, and their
-ratio; also the median measured makespan (first action start to last action end, without
-the step's set-up and loss broadcast) and a *calibrated* prediction that re-simulates the
-schedule with the costs the run actually had (``measured_costs``: each stage's mean action
-durations and the median hand-off latency between workers), which separates "the layers did
-not take F and B" and "messages take time" from "the runtime left gaps between actions".
+median step time after a warm-up and the measured makespan (first action start to last
+action end, without the step's set-up and loss broadcast), against three predictions:
+
+- *nominal*: the simulator with the layers' nominal costs (F, B) and free messages;
+- *profiled*: the simulator with costs measured **before** the run: each stage run alone
+  (its forward and backward, through the runtime's own stage code, nothing sent) and the
+  one-way time of a message measured by a ping-pong between two workers. This is what a
+  user can predict ahead of a run, and what the runtime has to match;
+- *calibrated*: the simulator with the costs the run actually had (``measured_costs``: each
+  stage's mean action durations and the median hand-off latency), which separates "the
+  layers did not take F and B" and "messages take time" from "the runtime left gaps".
 
     .venv/bin/python benchmarks/bench_schedules.py --json runs/schedules.json
 """
@@ -15,9 +20,11 @@ not take F and B" and "messages take time" from "the runtime left gaps between a
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
@@ -49,6 +56,78 @@ def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> l
     return measured_costs(timelines, sched)
 
 
+def profile_stages(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor, reps: int = 8) -> Any:
+    """Each stage of this worker run alone, micro-batch by micro-batch: median F, B, I, W (s).
+
+    Nothing is sent: these are the costs a user would measure before running the pipeline.
+    Every stage gets a micro-batch of ``x`` as input (the sleep layers keep shapes)."""
+    sched = pipe.schedule
+    out: dict[int, tuple[float, float, float, float]] = {}
+    for s, stage in pipe.stages.items():
+        last = s == sched.num_stages - 1
+        head = (lambda o: sleep_loss(o, y)) if last else None
+        f, b, i, w = [], [], [], []
+        for _ in range(reps + 1):
+            split = sched.splits_backward(s)
+            t0 = time.perf_counter()
+            o, _ = stage.forward_step(-1, x, head, False, capture=split)
+            t1 = time.perf_counter()
+            grads = None if last else [torch.ones_like(o)]
+            if split:
+                stage.input_grad_step(-1, grads, head)
+                t2 = time.perf_counter()
+                stage.weight_grad_step(-1)
+                i.append(t2 - t1)
+                w.append(time.perf_counter() - t2)
+            else:
+                stage.backward_step(-1, grads, head)
+                b.append(time.perf_counter() - t1)
+            f.append(t1 - t0)
+        pipe.zero_grad()
+        if split:
+            b = [a + c for a, c in zip(i, w, strict=True)]
+        pick = lambda v: median(v[1:]) if v else 0.0  # noqa: E731
+        out[s] = (pick(f), pick(b), pick(i), pick(w))
+    return out
+
+
+def ping_pong(pipe: lw.Pipeline, like: torch.Tensor, rounds: int = 30) -> float:
+    """Median one-way time of a message of ``like``'s size between workers 0 and 1 (seconds),
+    before the pipeline runs; 0 with one worker. Collective over the pipeline's workers."""
+    if pipe.num_workers < 2:
+        return 0.0
+    buf = torch.empty_like(like)
+    times = []
+    for _ in range(rounds + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if pipe.worker == 0:
+            dist.send(like, 1)
+            dist.recv(buf, 1)
+        elif pipe.worker == 1:
+            dist.recv(buf, 0)
+            dist.send(like, 0)
+        times.append((time.perf_counter() - t0) / 2)
+    box = [median(times[2:])]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
+
+
+def profiled(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor) -> lw.Costs:
+    """Costs measured before the run (each stage alone; a ping-pong): a genuine prediction."""
+    sched = pipe.schedule
+    m = sched.num_microbatches
+    mine = profile_stages(pipe, x[: x.shape[0] // m], y[: y.shape[0] // m])
+    gathered: list[Any] = [None] * pipe.num_workers
+    dist.all_gather_object(gathered, mine)
+    stages = {s: c for part in gathered for s, c in part.items()}
+    col = [[stages[s][k] for s in range(sched.num_stages)] for k in range(4)]
+    latency = ping_pong(pipe, x[: x.shape[0] // m].contiguous())
+    if sched.split_stages:
+        return lw.Costs.per_stage(col[0], col[1], col[2], col[3], comm_latency=latency)
+    return lw.Costs.per_stage(col[0], col[1], comm_latency=latency)
+
+
 def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     results = []
@@ -59,6 +138,7 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
             pipe = lw.Pipeline(layers, schedule=schedule, microbatches=m, loss_fn=sleep_loss)
             x = torch.randn(m * args["rows"], args["width"])
             y = torch.randn(m * args["rows"], args["width"])
+            before = profiled(pipe, x, y)
             timelines: list[lw.Timeline] = []
 
             def step(pipe: lw.Pipeline = pipe, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
@@ -82,6 +162,12 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
                         "makespan_s": median([tl.makespan() for tl in measured]),
                         "bubble_measured": median([tl.bubble_fraction() for tl in measured]),
                         "calibrated_s": lw.simulate(sched, costs).makespan(),
+                        "profiled_s": lw.simulate(sched, before).makespan(),
+                        "profiled_costs_ms": {
+                            "F": [f * 1e3 for f in before.forward],
+                            "B": [b * 1e3 for b in before.backward],
+                            "latency": before.comm_latency * 1e3,
+                        },
                         "peak_inflight_w0": measured[-1].peak_inflight(0),
                         "handoff_s": costs.comm_latency,
                     }
@@ -120,8 +206,12 @@ def main() -> None:
                 f"{r['step_s'] / r['predicted_s']:.3f}",
                 f"{r['makespan_s'] * 1e3:.1f}",
                 f"{r['makespan_s'] / r['predicted_s']:.3f}",
+                f"{r['profiled_s'] * 1e3:.1f}",
+                f"{r['step_s'] / r['profiled_s']:.3f}",
+                f"{r['makespan_s'] / r['profiled_s']:.3f}",
                 f"{r['calibrated_s'] * 1e3:.1f}",
-                f"{r['handoff_s'] * 1e3:.2f}",
+                f"{r['makespan_s'] / r['calibrated_s']:.3f}",
+                f"{r['profiled_costs_ms']['latency']:.2f} / {r['handoff_s'] * 1e3:.2f}",
                 f"{r['bubble_predicted']:.3f} / {r['bubble_measured']:.3f}",
             ]
         )
@@ -140,8 +230,12 @@ def main() -> None:
                 "step / pred",
                 "makespan ms",
                 "makespan / pred",
+                "profiled pred ms",
+                "step / profiled",
+                "makespan / profiled",
                 "calibrated pred ms",
-                "hand-off ms",
+                "makespan / calibrated",
+                "latency ping-pong / hand-off ms",
                 "bubble pred / meas",
             ],
             rows,

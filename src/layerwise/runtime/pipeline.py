@@ -314,7 +314,10 @@ class Pipeline:
             if self.grad_reducer is not None and grads_final[a.stage] == pos:
                 self.grad_reducer.stage_done(self.stages[a.stage])
             self.transport.reap_sends()
+            if a.kind != "F":  # a backward may have released received buffers
+                self.transport.reclaim_buffers()
         self.transport.reap_sends(block=True)
+        self.transport.reclaim_buffers(end_of_step=True)
         if self.grad_reducer is not None:
             self.grad_reducer.finish()
         self._reduce_tied()
@@ -507,7 +510,9 @@ class Pipeline:
             else:
                 self.transport.send_activation(out, s, mb, sched.stage_worker[s + 1], plan[mb][1])
             self.transport.reap_sends()
+            self.transport.reclaim_buffers()
         self.transport.reap_sends(block=True)
+        self.transport.reclaim_buffers(end_of_step=True)
         if not self.is_last:
             return None
         parts = [outputs[i] for i in range(m)]

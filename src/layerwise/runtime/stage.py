@@ -34,12 +34,13 @@ def _grad_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in flatten(value)[0] if t.requires_grad]
 
 
-def _prepare_inputs(value: Any) -> Any:
-    """Detach inputs from whatever produced them; float tensors become leaves needing grad."""
+def _prepare_inputs(value: Any, grad: bool) -> Any:
+    """Detach inputs from whatever produced them; with ``grad``, float tensors become leaves
+    needing grad (the first stage's inputs are data: their gradient would go nowhere)."""
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        return t.requires_grad_(True) if t.is_floating_point() else t
+        return t.requires_grad_(True) if grad and t.is_floating_point() else t
 
     return map_tensors(value, leaf)
 
@@ -50,6 +51,8 @@ def _run_backward(
     """Backward from ``roots``; return the gradients of ``inputs`` without accumulating them
     (or accumulate into leaves when ``inputs`` is empty). Uses the engine directly because the
     roots' data may have been freed after sending (only their graph is needed)."""
+    if not roots:  # nothing upstream needs a gradient (a first stage without parameters)
+        return tuple(None for _ in inputs)
     grad_tensors = tuple(grads) if grads is not None else tuple(torch.ones_like(r) for r in roots)
     return Variable._execution_engine.run_backward(  # type: ignore[no-any-return]
         tuple(roots), grad_tensors, keep, False, tuple(inputs), True, not inputs
@@ -158,7 +161,7 @@ class Stage(nn.Module):
         self, mb: int, value: Any, head: LossHead | None, checkpoint: bool, capture: bool
     ) -> tuple[Any, torch.Tensor | None]:
         """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward."""
-        inputs = _prepare_inputs(value)
+        inputs = _prepare_inputs(value, grad=self.index > 0)
         if checkpoint:
             rng = torch.get_rng_state()
             with torch.no_grad():
@@ -183,7 +186,7 @@ class Stage(nn.Module):
         self, stash: Stash, grads: list[torch.Tensor] | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if stash.loss is not None:
-            return [stash.loss], None
+            return ([stash.loss] if stash.loss.requires_grad else []), None
         # every floating-point tensor passed on gets a gradient back (zeros if unused)
         outs = [t for t in flatten(stash.output)[0] if t.is_floating_point()]
         if grads is None or len(grads) != len(outs):

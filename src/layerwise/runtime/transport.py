@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from layerwise.runtime.buffers import BufferPool, pool_supported
 from layerwise.runtime.tree import TensorMeta, flatten, unflatten
 
 
@@ -68,6 +69,7 @@ class Transport:
         self.on_wait = on_wait
         self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta]]] = {}
         self.pending_sends: list[tuple[Any, list[torch.Tensor], int, str]] = []
+        self.pool = BufferPool() if pool_supported(device) else None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -181,6 +183,17 @@ class Transport:
 
     # -- receiving ----------------------------------------------------------------------------
 
+    def _buffer(self, meta: TensorMeta) -> torch.Tensor:
+        return self.pool.take(meta) if self.pool is not None else meta.empty(self.device)
+
+    def reclaim_buffers(self, end_of_step: bool = False) -> None:
+        """Let receive buffers that nothing uses any more serve the next messages."""
+        if self.pool is not None:
+            if end_of_step:
+                self.pool.end_step()
+            else:
+                self.pool.reclaim()
+
     def _recv_meta(
         self, stage: int, microbatch: int, peer: int, signature: Any
     ) -> tuple[Any, list[TensorMeta]]:
@@ -203,7 +216,7 @@ class Transport:
     ) -> PendingRecv:
         """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
         spec, metas = self._recv_meta(stage, microbatch, peer, signature)
-        buffers = [m.empty(self.device) for m in metas]
+        buffers = [self._buffer(m) for m in metas]
         works = [
             self._irecv(b, peer, self._tag(stage, ACT, microbatch, i))
             for i, b in enumerate(buffers)
@@ -215,7 +228,7 @@ class Transport:
         self, like: list[TensorMeta], stage: int, microbatch: int, peer: int
     ) -> PendingRecv:
         """Post receives for the gradients of ``like`` (outputs of ``stage - 1``) from ``peer``."""
-        buffers = [m.empty(self.device) for m in like]
+        buffers = [self._buffer(m) for m in like]
         works = [
             self._irecv(b, peer, self._tag(stage, GRAD, microbatch, i))
             for i, b in enumerate(buffers)

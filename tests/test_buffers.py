@@ -1,0 +1,108 @@
+"""The receive-buffer pool: reuse only memory that nothing references any more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerwise.runtime.buffers import BufferPool, pool_supported
+from layerwise.runtime.stage import Stage
+from layerwise.runtime.tree import TensorMeta
+
+META = TensorMeta((4, 8), torch.float32)
+pytestmark = pytest.mark.timeout(60)
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_pool_is_for_cpu_only() -> None:
+    assert pool_supported(torch.device("cpu"))
+    assert not pool_supported(torch.device("meta"))
+
+
+def test_released_buffer_is_reused_and_held_one_is_not() -> None:
+    pool = BufferPool()
+    a = pool.take(META)
+    a.fill_(1.0)
+    ptr = a.untyped_storage().data_ptr()
+    pool.reclaim()
+    b = pool.take(META)
+    assert b.untyped_storage().data_ptr() != ptr  # a is still alive: never handed out twice
+    del a
+    pool.reclaim()
+    c = pool.take(META)
+    assert c.untyped_storage().data_ptr() == ptr
+    assert not same_memory(b, c)
+    assert c.shape == (4, 8) and c.dtype == torch.float32
+
+
+def test_views_and_detached_aliases_keep_a_buffer_lent() -> None:
+    pool = BufferPool()
+    buf = pool.take(META)
+    ptr = buf.untyped_storage().data_ptr()
+    view = buf[1:]
+    alias = view.detach().requires_grad_(True)
+    del buf, view
+    pool.reclaim()
+    fresh = pool.take(META)  # kept, so it stays lent and cannot be handed out below
+    assert fresh.untyped_storage().data_ptr() != ptr
+    del alias
+    pool.reclaim()
+    assert pool.take(META).untyped_storage().data_ptr() == ptr
+
+
+def test_a_stashed_stage_input_is_not_reused_before_its_backward() -> None:
+    # The received activation becomes the stage's input; a Linear saves it for its backward.
+    pool = BufferPool()
+    stage = Stage(1, 0, [torch.nn.Linear(8, 8)])
+    x = pool.take(META)
+    x.normal_()
+    ptr = x.untyped_storage().data_ptr()
+    expected_in = x.clone()
+    out, _ = stage.forward_step(0, x, None, checkpoint=False, capture=False)
+    del x
+    pool.reclaim()
+    other = pool.take(META)
+    assert other.untyped_storage().data_ptr() != ptr
+    other.fill_(123.0)  # would corrupt the saved input if the memory were shared
+    stage.backward_step(0, [torch.ones_like(out)], None)
+    weight = stage.layers[0].weight
+    assert weight.grad is not None
+    torch.testing.assert_close(weight.grad, torch.ones(4, 8).T @ expected_in)
+    del out
+    pool.reclaim()
+    assert pool.take(META).untyped_storage().data_ptr() == ptr
+
+
+def test_end_step_drops_shapes_that_were_not_used() -> None:
+    pool = BufferPool()
+    other = TensorMeta((2, 2), torch.float64)
+    del_me = pool.take(other)
+    del del_me
+    pool.end_step()
+    assert pool.held_bytes() == 2 * 2 * 8  # asked for during the step just ended: kept
+    kept = pool.take(META)
+    del kept
+    pool.end_step()  # (2, 2) was not asked for this time: dropped
+    assert pool.held_bytes() == 4 * 8 * 4
+
+
+def test_first_stage_inputs_get_no_gradient() -> None:
+    first = Stage(0, 0, [torch.nn.Linear(8, 8)])
+    second = Stage(1, 1, [torch.nn.Linear(8, 8)])
+    x = torch.randn(4, 8)
+    out0, _ = first.forward_step(0, x, None, checkpoint=False, capture=False)
+    out1, _ = second.forward_step(0, out0, None, checkpoint=False, capture=False)
+    assert first.backward_step(0, [torch.ones_like(out0)], None) == []
+    assert len(second.backward_step(0, [torch.ones_like(out1)], None)) == 1
+    assert x.grad is None
+
+
+def test_first_stage_without_parameters_has_nothing_to_back_propagate() -> None:
+    stage = Stage(0, 0, [torch.nn.ReLU()])
+    out, _ = stage.forward_step(0, torch.randn(2, 3), None, checkpoint=False, capture=False)
+    assert not out.requires_grad
+    assert stage.backward_step(0, [torch.ones_like(out)], None) == []
+    assert 0 not in stage.stash
