@@ -191,6 +191,22 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     pipe.zero_grad()
     loss = pipe.train_step(x5 if pipe.is_first else None, y5 if pipe.is_last else None)
     results["new shapes"] = compare(pipe, loss, ref_loss, ref_grads)
+
+    # messages matched by order in per-stream groups (what NCCL needs), run here on gloo:
+    # several stages per worker, split backwards, and a change of shapes in mid-step
+    for schedule, m in (("interleaved-1f1b", 2 * world), ("zb-h1", 4), ("1f1b", 2)):
+        ref_loss, ref_grads = reference(mlp_layers(), x, y, mse)
+        pipe = lw.Pipeline(
+            mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse, p2p="channels"
+        )
+        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        results[f"channels {schedule} m={m}"] = compare(pipe, loss, ref_loss, ref_grads)
+    # 5 rows in 2 micro-batches (3, 2): the second has new shapes, known only after the first
+    ref_loss, ref_grads = reference(mlp_layers(), x5, y5, mse)
+    pipe.zero_grad()
+    loss = pipe.train_step(x5 if pipe.is_first else None, y5 if pipe.is_last else None)
+    results["channels new shapes"] = compare(pipe, loss, ref_loss, ref_grads)
+    results["channels groups"] = len(pipe.transport.channels)
     return results
 
 

@@ -106,3 +106,40 @@ def test_first_stage_without_parameters_has_nothing_to_back_propagate() -> None:
     assert not out.requires_grad
     assert stage.backward_step(0, [torch.ones_like(out)], None) == []
     assert 0 not in stage.stash
+
+
+def test_no_tensor_waits_for_the_garbage_collector() -> None:
+    # Received activations are reused (and freed) by reference counting alone: nothing the
+    # runtime builds may put a tensor in a reference cycle, or it would live until gc runs.
+    import gc
+
+    import layerwise as lw
+
+    layers = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4)]
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for schedule in ("1f1b", "zb-h1"):
+            for ckpt in ("never", "always"):
+                pipe = lw.Pipeline(
+                    layers,
+                    schedule=schedule,
+                    microbatches=4,
+                    loss_fn=torch.nn.functional.mse_loss,
+                    checkpoint=ckpt,
+                )
+                gc.collect()
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                pipe.train_step(x, y)
+                pipe.forward(x)
+                gc.collect()
+                leaked = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+                gc.garbage.clear()
+                gc.set_debug(0)
+                assert leaked == [], (schedule, ckpt, [t.shape for t in leaked])
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()

@@ -47,6 +47,19 @@ def test_structured_uneven_inference_and_timeline(equivalence: tuple[int, list[d
         assert computes == 3 * world * 8  # every F, I and W of every worker
 
 
+@pytest.mark.timeout(300)
+def test_order_matched_channels_match_single_process(equivalence: tuple[int, list[dict]]) -> None:
+    world, results = equivalence
+    cases = [k for k in results[0] if k.startswith("channels ") and k != "channels groups"]
+    assert len(cases) == 4
+    for rank, res in enumerate(results):
+        for case in cases:
+            assert res[case] == [], f"worker {rank}, {case}: {res[case]}"
+        # 1F1B: one group per direction for each neighbour
+        neighbours = 1 if rank in (0, world - 1) else 2
+        assert res["channels groups"] == 2 * neighbours
+
+
 def test_single_worker_without_process_group() -> None:
     torch.manual_seed(1)
     x, y = torch.randn(8, w.D), torch.randn(8, w.D)
@@ -138,6 +151,12 @@ def test_bad_configuration_errors() -> None:
         lw.Pipeline([nn.Linear(2, 2)]).train_step(torch.randn(4, 2), torch.randn(4, 2))
     with pytest.raises(ValueError, match="schedule is for 2 workers but the group has 1"):
         lw.Pipeline([nn.Linear(2, 2)] * 2, schedule=lw.generate("gpipe", 2, 1))
+    with pytest.raises(ValueError, match="p2p must be one of"):
+        lw.Pipeline([nn.Linear(2, 2)], p2p="rpc")
+    backwards_reversed = lw.schedules.from_text("worker 0: 0F0 0F1 0B1 0B0")
+    lw.Pipeline([nn.Linear(2, 2)], schedule=backwards_reversed, p2p="tags")  # tags: any order
+    with pytest.raises(ValueError, match=r"stage 0 \(worker 0\) runs its input-gradient"):
+        lw.Pipeline([nn.Linear(2, 2)], schedule=backwards_reversed, p2p="channels")
 
 
 def test_worker_errors_are_collected() -> None:

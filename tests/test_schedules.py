@@ -12,6 +12,7 @@ from layerwise.schedules import (
     from_csv,
     from_text,
     generate,
+    stream_order_problems,
     to_csv,
     to_text,
     validate,
@@ -118,3 +119,14 @@ def test_unknown_schedule_and_bad_sizes() -> None:
         generate("1f1b", 4, 8, chunks=2)
     with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
         generate("gpipe", 4, 0)
+
+
+@pytest.mark.timeout(60)
+def test_every_built_in_schedule_sends_each_stream_in_micro_batch_order() -> None:
+    # what order-matched transports (NCCL) rely on; see stream_order_problems
+    for name, p, m, v in CASES:
+        assert stream_order_problems(generate(name, p, m, v)) == [], (name, p, m, v)
+    swapped = from_text("worker 0: 0F1 0F0 0B0 0B1")
+    assert stream_order_problems(swapped) == [
+        "stage 0 (worker 0) runs its forwards in micro-batch order [1, 0]"
+    ]

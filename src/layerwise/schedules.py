@@ -450,6 +450,28 @@ def validate(schedule: Schedule) -> None:
     _ = schedule.order
 
 
+def stream_order_problems(schedule: Schedule) -> list[str]:
+    """Where a stream of messages would not go in micro-batch order; empty if none.
+
+    A stream is what one stage sends to a neighbour on another worker: its activations
+    (sent by its F actions) or its input gradients (sent by its B or I actions). Transports
+    that match messages by order rather than by tag (NCCL) need each stream to be sent and
+    received in the same order; since the receiving stage consumes a stream with the same
+    kind of action, micro-batch order on every stage is enough. Every built-in schedule
+    has it; a hand-written one may not.
+    """
+    problems = []
+    for s in range(schedule.num_stages):
+        w = schedule.stage_worker[s]
+        for kinds, what in ((("F",), "forwards"), (("B", "I"), "input-gradient backwards")):
+            mbs = [a.microbatch for a in schedule.actions[w] if a.stage == s and a.kind in kinds]
+            if mbs != sorted(mbs):
+                problems.append(
+                    f"stage {s} (worker {w}) runs its {what} in micro-batch order {mbs}"
+                )
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Text and CSV
 # ---------------------------------------------------------------------------------------------

@@ -19,12 +19,20 @@ from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, material
 from layerwise.runtime.stage import Stage
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
 from layerwise.runtime.ties import Tie
-from layerwise.runtime.transport import Transport
+from layerwise.runtime.transport import Transport, open_channels
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
-from layerwise.schedules import Action, Schedule, dependencies, generate, validate
+from layerwise.schedules import (
+    Action,
+    Schedule,
+    dependencies,
+    generate,
+    stream_order_problems,
+    validate,
+)
 from layerwise.timeline import Event, Timeline
 
 CHECKPOINT_MODES = ("never", "always", "except_last")
+P2P_MODES = ("auto", "tags", "channels")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 LOOKAHEAD = 2  # receives posted this many actions ahead of need
 
@@ -47,6 +55,11 @@ class Pipeline:
     builds, e.g. to shard it for tensor parallelism. ``grad_reducer``: an object with
     ``stage_done(stage)`` (called right after a stage's last backward of the step) and
     ``finish()`` (called at the end of the step), e.g. data-parallel gradient averaging.
+    ``p2p``: how messages find their receive: ``tags`` (gloo matches every message by its
+    tag), ``channels`` (one two-rank process group per stage boundary and direction, where
+    messages match in order; needed by NCCL, which ignores tags; every rank of the job must
+    then build its pipeline at the same time, since creating groups is collective) or
+    ``auto`` (channels unless the group's backend is gloo).
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class Pipeline:
         precision: str = "fp32",
         parallelize: Callable[[int, nn.Module], nn.Module] | None = None,
         grad_reducer: Any = None,
+        p2p: str = "auto",
     ) -> None:
         specs: list[LayerSpec] = (
             list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
@@ -94,6 +108,11 @@ class Pipeline:
         self.stages: dict[int, Stage] = {
             s: self._build_stage(s, specs, seed) for s in self.schedule.stages_of(self.worker)
         }
+        self.p2p = self._p2p_mode(p2p, distributed)
+        channels = {}
+        if self.p2p == "channels" and self.num_workers > 1:
+            ranks = [self._global(w) for w in range(self.num_workers)]
+            channels = open_channels(self.schedule.stage_worker, self.worker, ranks)
         self.transport = Transport(
             self.worker,
             self.num_workers,
@@ -102,6 +121,7 @@ class Pipeline:
             timeout,
             self.schedule.num_stages,
             on_wait=self._record_wait,
+            channels=channels,
         )
         self._events: list[Event] = []
         self._last_plan: list[Any] | None = None  # the micro-batches' shapes of the last step
@@ -123,6 +143,22 @@ class Pipeline:
             return schedule
         v = chunks or (2 if schedule.startswith("interleaved") else 1)
         return generate(schedule, self.num_workers, microbatches, v)
+
+    def _p2p_mode(self, p2p: str, distributed: bool) -> str:
+        if p2p not in P2P_MODES:
+            raise ValueError(f"p2p must be one of {P2P_MODES}, got {p2p!r}")
+        if p2p == "auto":
+            gloo = not distributed or dist.get_backend(self.group) == "gloo"
+            p2p = "tags" if gloo else "channels"
+        if p2p == "channels":
+            problems = stream_order_problems(self.schedule)
+            if problems:
+                raise ValueError(
+                    "messages between workers match in the order they are posted here "
+                    "(p2p='channels', as NCCL needs), so every stage must run its forwards and "
+                    "its backwards in micro-batch order: " + "; ".join(problems)
+                )
+        return p2p
 
     def _make_partition(self, specs: list[LayerSpec], balance: Balance, sample: Any) -> Partition:
         num_stages = self.schedule.num_stages
@@ -300,7 +336,8 @@ class Pipeline:
         for pos, a in enumerate(acts):
             # post receives for this action and the next few, so data flows while we compute
             for k, ahead in enumerate(acts[pos : pos + 1 + LOOKAHEAD]):
-                self._post(ahead, st, now=k == 0)
+                if not self._post(ahead, st, now=k == 0):
+                    break  # later receives wait, so each stream is posted in order
             if a.kind == "F":
                 self._forward(a, st)
             elif a.kind in ("B", "I"):
@@ -349,29 +386,34 @@ class Pipeline:
         loss_fn, target, weight = self.loss_fn, st.targets[mb], st.rows[mb] / sum(st.rows)
         return lambda out: loss_fn(out, target) * weight
 
-    def _post(self, a: Action, st: Step, now: bool) -> None:
-        """Post the receive that action ``a`` will need from another worker, if any."""
+    def _post(self, a: Action, st: Step, now: bool) -> bool:
+        """Post the receive that action ``a`` will need from another worker, if any.
+
+        Return False if that receive cannot be posted yet (so none after it may be)."""
         sched = self.schedule
+        # a backward whose forward has not sent yet (or sent to this same worker) has nothing
+        # to post now; a later one of its stream cannot have sent either, so order holds
         if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
-            return
+            return True
         remote = [
             sched.stage_worker[d.stage]
             for d in dependencies(a, sched)
             if d.stage != a.stage and sched.stage_worker[d.stage] != self.worker
         ]
         if not remote:
-            return
+            return True
         peer = remote[0]
         if a.kind == "F":
             signature = st.plan[a.microbatch][1]
             if not now and not self.transport.knows(a.stage - 1, signature):
-                return  # new shapes: metadata must be received in order, not ahead
+                return False  # new shapes: metadata must be received in order, not ahead
             st.posted[a] = self.transport.post_activation(
                 a.stage - 1, a.microbatch, peer, signature
             )
         elif a.kind in ("B", "I"):
             like = st.sent[(a.stage, a.microbatch)]
             st.posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
+        return True
 
     def _forward(self, a: Action, st: Step) -> None:
         s, mb = a.stage, a.microbatch

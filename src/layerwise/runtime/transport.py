@@ -5,6 +5,9 @@ tag derived from (stage, direction, micro-batch), so receives can be posted earl
 any order (gloo matches by tag). Every wait has a timeout; a peer that dies or stalls
 raises :class:`PeerError` naming the peer.
 
+NCCL ignores tags, so there every stream (one stage boundary, one direction) gets a process
+group of its own, where messages match in order (:func:`open_channels`).
+
 Metadata (structure, shapes, dtypes) of an activation travels once per *shape signature*
 (the shapes of the micro-batch's inputs, which every worker learns at the start of a step)
 and is cached by both sides, so steady-state transfers are payload only. Gradients need no
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -47,6 +50,39 @@ class PendingRecv:
     what: str
 
 
+def open_channels(
+    stage_worker: Sequence[int], worker: int, pipeline_ranks: Sequence[int]
+) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """Give each stream of messages (one stage boundary, one direction) its own process group.
+
+    NCCL ignores tags: between two ranks, messages match in the order they are posted. Two
+    workers may exchange several streams at once (with several stages per worker, more than
+    one boundary joins them), and each worker posts them in the order of its own action
+    list, which differ. Inside one stream both sides go in micro-batch order (see
+    ``schedules.stream_order_problems``), so one group per stream makes order-matching exact.
+
+    Collective over the whole job (the default group): every rank calls it while building
+    its pipeline, as when all ranks build their pipelines together. Two-rank groups for the
+    same pair of ranks cannot be created by their members alone (PyTorch names such groups by
+    their ranks), so every rank creates every pipeline's groups, in one agreed order.
+    """
+    mine = (tuple(pipeline_ranks), tuple(stage_worker))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    channels: dict[tuple[int, int], dist.ProcessGroup] = {}
+    for ranks, workers in sorted(set(everyone)):
+        for s in range(len(workers) - 1):
+            a, b = workers[s], workers[s + 1]
+            if a == b:
+                continue
+            for key in ((s, ACT), (s + 1, GRAD)):  # keyed by the sending stage
+                group = dist.new_group(sorted({ranks[a], ranks[b]}))
+                if (ranks, workers) == mine and worker in (a, b):
+                    assert group is not None
+                    channels[key] = group
+    return channels
+
+
 class Transport:
     """Sends and receives tensor trees between the workers of one pipeline group."""
 
@@ -59,6 +95,7 @@ class Transport:
         timeout_s: float,
         num_stages: int,
         on_wait: Callable[[float, float], None] | None = None,
+        channels: dict[tuple[int, int], dist.ProcessGroup] | None = None,
     ) -> None:
         self.worker = worker
         self.num_workers = num_workers
@@ -70,6 +107,8 @@ class Transport:
         self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta]]] = {}
         self.pending_sends: list[tuple[Any, list[torch.Tensor], int, str]] = []
         self.pool = BufferPool() if pool_supported(device) else None
+        # (sending stage, ACT or GRAD) -> a two-rank group of its own; see open_channels
+        self.channels = channels or {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -79,7 +118,10 @@ class Transport:
         return dist.get_global_rank(self.group, worker)
 
     def _tag(self, stage: int, kind: int, microbatch: int, index: int = 0) -> int:
-        # one tag per tensor, so that nothing relies on the order in which messages match
+        # one tag per tensor, so that nothing relies on the order in which messages match;
+        # with channels, order is all there is (as on NCCL), also when gloo carries them
+        if self.channels:
+            return 0
         if index >= MAX_TENSORS:
             raise ValueError(f"a stage may pass at most {MAX_TENSORS} tensors to the next one")
         return ((microbatch * self.num_stages + stage) * 3 + kind) * MAX_TENSORS + index
@@ -126,11 +168,30 @@ class Transport:
         if self.on_wait is not None:
             self.on_wait(t0, time.perf_counter())
 
-    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return dist.isend(tensor, dst=self.global_rank(peer), group=self.group, tag=tag)
+    def _channel(self, stage: int, kind: int) -> dist.ProcessGroup | None:
+        """The group that carries messages sent by ``stage`` of ``kind`` (metadata travels
+        with the activations it describes, so it stays in their order)."""
+        return self.channels.get((stage, ACT if kind == META else kind), self.group)
 
-    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return dist.irecv(tensor, src=self.global_rank(peer), group=self.group, tag=tag)
+    def _isend(
+        self, tensor: torch.Tensor, peer: int, stage: int, kind: int, mb: int, index: int
+    ) -> Any:
+        return dist.isend(
+            tensor,
+            dst=self.global_rank(peer),
+            group=self._channel(stage, kind),
+            tag=self._tag(stage, kind, mb, index),
+        )
+
+    def _irecv(
+        self, tensor: torch.Tensor, peer: int, stage: int, kind: int, mb: int, index: int
+    ) -> Any:
+        return dist.irecv(
+            tensor,
+            src=self.global_rank(peer),
+            group=self._channel(stage, kind),
+            tag=self._tag(stage, kind, mb, index),
+        )
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -144,10 +205,11 @@ class Transport:
         cached = self.meta_cache.get(key)
         if cached is None:
             self.meta_cache[key] = (spec, metas)
-            blob = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
-            size = torch.tensor([blob.numel()], dtype=torch.int64)
+            raw = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
+            blob = raw.to(self.device)  # NCCL moves only GPU tensors
+            size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
             for i, t in enumerate((size, blob)):
-                work = self._isend(t, peer, self._tag(stage, META, microbatch, i))
+                work = self._isend(t, peer, stage, META, microbatch, i)
                 self.pending_sends.append((work, [t], peer, "metadata"))
         elif cached != (spec, metas):
             raise PeerError(
@@ -158,7 +220,7 @@ class Transport:
             )
         sent = [t.detach().contiguous() for t in tensors]
         for i, t in enumerate(sent):
-            work = self._isend(t, peer, self._tag(stage, ACT, microbatch, i))
+            work = self._isend(t, peer, stage, ACT, microbatch, i)
             self.pending_sends.append((work, [t], peer, "activation"))
         return sent
 
@@ -168,7 +230,7 @@ class Transport:
         """Send the input gradients of ``stage`` for ``microbatch`` back to ``peer``."""
         for i, g in enumerate(grads):
             g = g.contiguous()
-            work = self._isend(g, peer, self._tag(stage, GRAD, microbatch, i))
+            work = self._isend(g, peer, stage, GRAD, microbatch, i)
             self.pending_sends.append((work, [g], peer, "gradient"))
 
     def reap_sends(self, block: bool = False) -> None:
@@ -200,11 +262,11 @@ class Transport:
         key = (stage, signature)
         if key not in self.meta_cache:
             what = f"metadata of stage {stage}'s output"
-            size = torch.zeros(1, dtype=torch.int64)
-            self._wait(self._irecv(size, peer, self._tag(stage, META, microbatch, 0)), peer, what)
-            blob = torch.empty(int(size.item()), dtype=torch.uint8)
-            self._wait(self._irecv(blob, peer, self._tag(stage, META, microbatch, 1)), peer, what)
-            self.meta_cache[key] = pickle.loads(blob.numpy().tobytes())
+            size = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._wait(self._irecv(size, peer, stage, META, microbatch, 0), peer, what)
+            blob = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+            self._wait(self._irecv(blob, peer, stage, META, microbatch, 1), peer, what)
+            self.meta_cache[key] = pickle.loads(blob.cpu().numpy().tobytes())
         return self.meta_cache[key]
 
     def knows(self, stage: int, signature: Any) -> bool:
@@ -217,10 +279,7 @@ class Transport:
         """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
         spec, metas = self._recv_meta(stage, microbatch, peer, signature)
         buffers = [self._buffer(m) for m in metas]
-        works = [
-            self._irecv(b, peer, self._tag(stage, ACT, microbatch, i))
-            for i, b in enumerate(buffers)
-        ]
+        works = [self._irecv(b, peer, stage, ACT, microbatch, i) for i, b in enumerate(buffers)]
         what = f"stage {stage}'s output for micro-batch {microbatch}"
         return PendingRecv(works, buffers, spec, peer, what)
 
@@ -229,10 +288,7 @@ class Transport:
     ) -> PendingRecv:
         """Post receives for the gradients of ``like`` (outputs of ``stage - 1``) from ``peer``."""
         buffers = [self._buffer(m) for m in like]
-        works = [
-            self._irecv(b, peer, self._tag(stage, GRAD, microbatch, i))
-            for i, b in enumerate(buffers)
-        ]
+        works = [self._irecv(b, peer, stage, GRAD, microbatch, i) for i, b in enumerate(buffers)]
         what = f"stage {stage}'s input gradient for micro-batch {microbatch}"
         return PendingRecv(works, buffers, None, peer, what)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,20 +57,21 @@ def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
 
 def unflatten(tensors: list[torch.Tensor], spec: Any) -> Any:
     """Rebuild the structure described by ``spec`` from ``tensors`` (inverse of flatten)."""
-    it = iter(tensors)
+    return _build(spec, iter(tensors))
 
-    def build(sp: Any) -> Any:
-        if sp == "T":
-            return next(it)
-        kind, body = sp
-        if kind == "const":
-            return body
-        if kind == "dict":
-            return {k: build(s) for k, s in body}
-        items = [build(s) for s in body]
-        return tuple(items) if kind == "tuple" else items
 
-    return build(spec)
+def _build(spec: Any, it: Iterator[torch.Tensor]) -> Any:
+    # A module-level function, not a closure that calls itself: such a closure is a reference
+    # cycle holding the tensors, which would then live until the garbage collector runs.
+    if spec == "T":
+        return next(it)
+    kind, body = spec
+    if kind == "const":
+        return body
+    if kind == "dict":
+        return {k: _build(s, it) for k, s in body}
+    items = [_build(s, it) for s in body]
+    return tuple(items) if kind == "tuple" else items
 
 
 def map_tensors(value: Any, fn: Any) -> Any:
