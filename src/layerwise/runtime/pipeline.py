@@ -19,7 +19,7 @@ from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, material
 from layerwise.runtime.stage import Stage
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
 from layerwise.runtime.ties import Tie
-from layerwise.runtime.transport import Transport, open_channels
+from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG, Transport, open_channels
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
 from layerwise.schedules import (
     Action,
@@ -290,19 +290,20 @@ class Pipeline:
     def _broadcast_plan(self, micro_batches: list[Any]) -> list[Any]:
         """Tell every worker the shape signature of each micro-batch (first worker knows).
 
-        Shapes rarely change between steps, so the first worker broadcasts one number saying
-        whether they did, and the pickled plan only when they did (one small collective per
-        step instead of two and a pickle)."""
+        Shapes rarely change between steps, so the first worker sends one number saying
+        whether they did (point to point: it does not wait for the others to receive it) and
+        broadcasts the pickled plan only when they did."""
         plan: list[Any] | None = None
         if self.is_first:
             plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in micro_batches]
         if self.num_workers > 1:
-            src = self._global(self.schedule.stage_worker[0])
-            changed = torch.tensor([int(plan != self._last_plan)], device=self.comm_device)
-            dist.broadcast(changed, src=src, group=self.group)
-            if changed.item():
+            first = self.schedule.stage_worker[0]
+            changed = self.transport.share_number(
+                float(plan != self._last_plan), first, PLAN_TAG, "the step's shapes"
+            )
+            if changed:
                 box = [plan]
-                dist.broadcast_object_list(box, src=src, group=self.group)
+                dist.broadcast_object_list(box, src=self._global(first), group=self.group)
                 plan = box[0]
             else:
                 plan = self._last_plan
@@ -486,10 +487,8 @@ class Pipeline:
         """Return the last stage's worker's ``number`` on every worker."""
         if self.num_workers == 1:
             return number
-        value = torch.tensor([number], dtype=torch.float64, device=self.comm_device)
-        src = self._global(self.schedule.stage_worker[-1])
-        dist.broadcast(value, src=src, group=self.group)
-        return float(value.item())
+        last = self.schedule.stage_worker[-1]
+        return self.transport.share_number(number, last, LOSS_TAG, "the loss")
 
     def module(self) -> nn.ModuleDict:
         """Return this worker's layers as one module keyed by global layer index, so that

@@ -37,6 +37,8 @@ class PeerError(RuntimeError):
 ACT, GRAD, META = 0, 1, 2
 MAX_TENSORS = 32
 FAILURE_KEY = "layerwise/first_failure"
+# numbers one worker shares with all (on the pipeline group, above every message and tie tag)
+PLAN_TAG, LOSS_TAG = 2**30 + 8, 2**30 + 9
 
 
 @dataclass
@@ -232,6 +234,24 @@ class Transport:
             g = g.contiguous()
             work = self._isend(g, peer, stage, GRAD, microbatch, i)
             self.pending_sends.append((work, [g], peer, "gradient"))
+
+    def share_number(self, number: float, src: int, tag: int, what: str) -> float:
+        """Return worker ``src``'s ``number`` on every worker of the group.
+
+        Point to point rather than a broadcast: ``src`` only posts its sends (they finish in
+        the background and are reaped with the others), so a worker that knows a number
+        early, like the last stage's loss, never waits for the workers still busy; and a
+        worker that learns it late finds the message already there."""
+        value = torch.tensor([number], dtype=torch.float64, device=self.device)
+        if self.worker == src:
+            for peer in range(self.num_workers):
+                if peer != src:
+                    work = dist.isend(value, dst=self.global_rank(peer), group=self.group, tag=tag)
+                    self.pending_sends.append((work, [value], peer, what))
+            return number
+        work = dist.irecv(value, src=self.global_rank(src), group=self.group, tag=tag)
+        self._wait(work, src, what)
+        return float(value.item())
 
     def reap_sends(self, block: bool = False) -> None:
         """Drop finished sends (and their buffers); with ``block``, wait for all of them."""
