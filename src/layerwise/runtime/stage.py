@@ -16,6 +16,7 @@ state; the first backward action recomputes the forward with the same random num
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from torch.autograd import Variable
 
 from layerwise.profile import call_layer
 from layerwise.runtime.tree import flatten, map_tensors
+from layerwise.runtime.wcheck import shared_uses, split_problem, watch_parameter_uses
 
 LossHead = Callable[[Any], torch.Tensor]
 
@@ -113,6 +115,8 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.stash: dict[int, Stash] = {}
         self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
+        # whether I/W may split this stage's backward; None until a split forward is watched
+        self.split_safe: bool | None = None
         for module in self.modules():
             if any(True for _ in module.parameters(recurse=False)):
                 module.register_forward_hook(self._capture_hook)
@@ -143,14 +147,25 @@ class Stage(nn.Module):
 
     def _forward_graph(self, mb: int, inputs: Any, head: LossHead | None, capture: bool) -> Stash:
         stash = Stash(inputs=inputs)
+        capture = capture and self.split_safe is not False
         self._capturing = stash.captures if capture else None
+        watch = capture and self.split_safe is None
         try:
-            with torch.autograd.graph.saved_tensors_hooks(_save_alias, _load_alias):
+            with contextlib.ExitStack() as ctx:
+                uses = ctx.enter_context(watch_parameter_uses(self)) if watch else None
+                hooks = torch.autograd.graph.saved_tensors_hooks(_save_alias, _load_alias)
+                ctx.enter_context(hooks)
                 stash.output = self.run(inputs)
                 if head is not None:
                     stash.loss = head(stash.output)
         finally:
             self._capturing = None
+        if uses is not None:
+            calls = [module for module, _ in stash.captures]
+            problem = split_problem(self.describe(), uses.stray, shared_uses(self, calls))
+            self.split_safe = problem is None
+            if problem is not None:
+                warnings.warn(problem, stacklevel=2)
         # W will need the captured outputs' graph nodes, not their values (anything a backward
         # reads was saved as an alias); only the stage output must survive, to be sent
         sent = {id(t) for t in flatten(stash.output)[0]}
@@ -217,8 +232,14 @@ class Stage(nn.Module):
     def input_grad_step(
         self, mb: int, grads: list[torch.Tensor] | None, head: LossHead | None
     ) -> list[torch.Tensor]:
-        """I: gradients of the inputs (returned) and of every module output (kept for W)."""
+        """I: gradients of the inputs (returned) and of every module output (kept for W).
+
+        On a stage whose backward cannot be split (``split_safe`` False), the whole backward."""
         stash = self._materialize(mb, head, capture=True)
+        if self.split_safe is False:
+            in_grads = self.backward_step(mb, grads, head)
+            self.stash[mb] = Stash(inputs=None)  # nothing left for W
+            return in_grads
         roots, grads = self._roots(stash, grads)
         leaves = _grad_leaves(stash.inputs)
         captured = [t for _, outs in stash.captures for t in outs]
