@@ -8,8 +8,8 @@ action end, without the step's set-up and loss broadcast), against three predict
 - *nominal*: the simulator with the layers' nominal costs (F, B) and free messages;
 - *profiled*: the simulator with costs measured **before** the run: each stage run alone
   (its forward and backward, through the runtime's own stage code, nothing sent) and the
-  one-way time of a message measured by a ping-pong between two workers. This is what a
-  user can predict ahead of a run, and what the runtime has to match;
+  one-way time of a message, from a ping-pong between every pair of neighbouring workers at
+  once. This is what a user can predict ahead of a run, and what the runtime has to match;
 - *calibrated*: the simulator with the costs the run actually had (``measured_costs``: each
   stage's mean action durations and the median hand-off latency), which separates "the
   layers did not take F and B" and "messages take time" from "the runtime left gaps".
@@ -92,25 +92,34 @@ def profile_stages(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor, reps: in
 
 
 def ping_pong(pipe: lw.Pipeline, like: torch.Tensor, rounds: int = 30) -> float:
-    """Median one-way time of a message of ``like``'s size between workers 0 and 1 (seconds),
-    before the pipeline runs; 0 with one worker. Collective over the pipeline's workers."""
-    if pipe.num_workers < 2:
+    """Median one-way time of a message of ``like``'s size between neighbouring workers
+    (seconds), measured before the pipeline runs; 0 with one worker. Collective.
+
+    All neighbour pairs exchange at once (0-1 with 2-3, then 1-2 with 3-4, ...), because in
+    the run every boundary is busy at the same time and the processes share the cores."""
+    p = pipe.num_workers
+    if p < 2:
         return 0.0
     buf = torch.empty_like(like)
     times = []
-    for _ in range(rounds + 2):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if pipe.worker == 0:
-            dist.send(like, 1)
-            dist.recv(buf, 1)
-        elif pipe.worker == 1:
-            dist.recv(buf, 0)
-            dist.send(like, 0)
-        times.append((time.perf_counter() - t0) / 2)
-    box = [median(times[2:])]
-    dist.broadcast_object_list(box, src=0)
-    return float(box[0])
+    for phase in (0, 1):
+        for i in range(rounds + 2):
+            dist.barrier()
+            w = pipe.worker
+            t0 = time.perf_counter()
+            if (w - phase) % 2 == 0 and w + 1 < p and w >= phase:
+                dist.send(like, w + 1)
+                dist.recv(buf, w + 1)
+            elif (w - phase) % 2 == 1 and w >= phase:
+                dist.recv(buf, w - 1)
+                dist.send(like, w - 1)
+            else:
+                continue
+            if i >= 2:
+                times.append((time.perf_counter() - t0) / 2)
+    gathered: list[Any] = [None] * p
+    dist.all_gather_object(gathered, times)
+    return median([t for ts in gathered for t in ts])
 
 
 def profiled(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor) -> lw.Costs:
