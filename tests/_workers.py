@@ -239,10 +239,12 @@ def gpt_cases(rank: int, world: int) -> dict[str, Any]:
     cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=3)
     x, y, ref, ref_grads = tied_gpt_reference(cfg, rows=4, seed=0)
     results: dict[str, Any] = {}
-    for schedule in ("1f1b", "zb-h1"):
+    for case in ("1f1b", "zb-h1", "1f1b channels"):
+        schedule, _, p2p = case.partition(" ")
         pipe = lw.Pipeline(
             gpt_layers(cfg),
             schedule=schedule,
+            p2p=p2p or "auto",
             microbatches=2,
             loss_fn=loss_fn,
             tied=tied_parameter_names(cfg),
@@ -330,7 +332,8 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
 
 def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, Any]:
     """A tied GPT on a (dp, pp, tp) mesh: loss and every gradient equal to single-process
-    training on the same global batch, for 1F1B and ZB-H1; tied copies stay identical."""
+    training on the same global batch, for 1F1B and ZB-H1, and for 1F1B with messages
+    matched by order in per-stream groups (one set per pipeline of the mesh)."""
     from torch.distributed.tensor import DTensor
 
     from layerwise.parallel.data import GradReducer
@@ -345,10 +348,12 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
     rows = x.shape[0] // dp
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
     results: dict[str, Any] = {}
-    for schedule in ("1f1b", "zb-h1"):
+    for case in ("1f1b", "zb-h1", "1f1b channels"):
+        schedule, _, p2p = case.partition(" ")
         pipe = lw.Pipeline(
             gpt_layers(cfg),
             schedule=schedule,
+            p2p=p2p or "auto",
             microbatches=2,
             loss_fn=loss_fn,
             tied=tied_parameter_names(cfg),
@@ -374,8 +379,8 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
                 torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
             except AssertionError as err:
                 errors.append(f"{name}: {str(err).splitlines()[0]}")
-        results[schedule] = errors
-        results[f"{schedule} sharded"] = sharded
+        results[case] = errors
+        results[f"{case} sharded"] = sharded
     if dp > 1:
         results["zero-1"] = _zero_step_matches(cfg, x, y, ref_grads, mesh, mine)
     return results

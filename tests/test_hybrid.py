@@ -14,10 +14,10 @@ from layerwise.runtime.launch import run_workers
 def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
     results = run_workers(w.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
     for rank, res in enumerate(results):
-        for schedule in ("1f1b", "zb-h1"):
-            assert res[schedule] == [], f"rank {rank} {schedule}: {res[schedule]}"
+        for case in ("1f1b", "zb-h1", "1f1b channels"):
+            assert res[case] == [], f"rank {rank} {case}: {res[case]}"
             if tp > 1:  # the blocks' linears really are split
-                assert res[f"{schedule} sharded"] > 0
+                assert res[f"{case} sharded"] > 0
         if dp > 1:
             assert res["zero-1"] == [], f"rank {rank} zero-1: {res['zero-1']}"
 
