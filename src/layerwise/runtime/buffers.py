@@ -47,6 +47,8 @@ class BufferPool:
         user count tells when every alias, view and autograd save has gone."""
         key = (meta.shape, meta.dtype)
         self._wanted.add(key)
+        if not self._free[key]:
+            self.reclaim()  # only when needed: a steady pipeline rarely gets here
         free = self._free[key]
         buf = free.pop() if free else meta.empty(torch.device("cpu"))
         self._lent.append((key, buf))

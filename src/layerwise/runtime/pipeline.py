@@ -352,10 +352,8 @@ class Pipeline:
             if self.grad_reducer is not None and grads_final[a.stage] == pos:
                 self.grad_reducer.stage_done(self.stages[a.stage])
             self.transport.reap_sends()
-            if a.kind != "F":  # a backward may have released received buffers
-                self.transport.reclaim_buffers()
         self.transport.reap_sends(block=True)
-        self.transport.reclaim_buffers(end_of_step=True)
+        self.transport.end_step()
         if self.grad_reducer is not None:
             self.grad_reducer.finish()
         self._reduce_tied()
@@ -551,9 +549,8 @@ class Pipeline:
             else:
                 self.transport.send_activation(out, s, mb, sched.stage_worker[s + 1], plan[mb][1])
             self.transport.reap_sends()
-            self.transport.reclaim_buffers()
         self.transport.reap_sends(block=True)
-        self.transport.reclaim_buffers(end_of_step=True)
+        self.transport.end_step()
         if not self.is_last:
             return None
         parts = [outputs[i] for i in range(m)]

@@ -268,13 +268,12 @@ class Transport:
     def _buffer(self, meta: TensorMeta) -> torch.Tensor:
         return self.pool.take(meta) if self.pool is not None else meta.empty(self.device)
 
-    def reclaim_buffers(self, end_of_step: bool = False) -> None:
-        """Let receive buffers that nothing uses any more serve the next messages."""
+    def end_step(self) -> None:
+        """At the end of a step: take back the receive buffers nothing uses any more, and
+        forget those of shapes the step did not use (the pool takes buffers back by itself
+        whenever it runs out, so nothing needs doing between actions)."""
         if self.pool is not None:
-            if end_of_step:
-                self.pool.end_step()
-            else:
-                self.pool.reclaim()
+            self.pool.end_step()
 
     def _recv_meta(
         self, stage: int, microbatch: int, peer: int, signature: Any
