@@ -27,10 +27,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 
-class SplitBackwardError(ValueError):
-    """A stage uses a parameter outside the module that registers it; I/W cannot split it."""
-
-
 class _ParameterUses(TorchFunctionMode):
     """Records every torch call that takes a parameter while its owner is not running."""
 
@@ -55,8 +51,8 @@ class _ParameterUses(TorchFunctionMode):
 @contextmanager
 def watch_parameter_uses(root: nn.Module) -> Iterator[_ParameterUses]:
     """Within the block, record uses of ``root``'s parameters outside their owners."""
-    # a parameter registered by several modules (tied inside one stage) gets its gradient
-    # from each of them in W, so a use inside any of them is covered
+    # a use inside any module that registers the parameter is not stray (two such uses are
+    # a problem of their own, found by shared_uses)
     owners: dict[int, tuple[str, list[nn.Module]]] = {}
     for mod_name, module in root.named_modules(remove_duplicate=False):
         for p_name, p in module.named_parameters(recurse=False):
