@@ -6,10 +6,10 @@ median step time after a warm-up and the measured makespan (first action start t
 action end, without the step's set-up and loss broadcast), against three predictions:
 
 - *nominal*: the simulator with the layers' nominal costs (F, B) and free messages;
-- *profiled*: the simulator with costs measured **before** the run: each stage run alone
-  (its forward and backward, through the runtime's own stage code, nothing sent) and the
-  one-way time of a message, from a ping-pong between every pair of neighbouring workers at
-  once. This is what a user can predict ahead of a run, and what the runtime has to match;
+- *profiled*: the simulator with costs measured **before** the run by
+  ``Pipeline.calibrate``: one micro-batch through the stages one after another, so each
+  stage's forward and backward (or I and W) and each message are seen alone. This is what a
+  user can predict ahead of a run, and what the runtime has to match;
 - *calibrated*: the simulator with the costs the run actually had (``measured_costs``: each
   stage's mean action durations and the median hand-off latency), which separates "the
   layers did not take F and B" and "messages take time" from "the runtime left gaps".
@@ -20,11 +20,9 @@ action end, without the step's set-up and loss broadcast), against three predict
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
@@ -56,87 +54,6 @@ def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> l
     return measured_costs(timelines, sched)
 
 
-def profile_stages(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor, reps: int = 8) -> Any:
-    """Each stage of this worker run alone, micro-batch by micro-batch: median F, B, I, W (s).
-
-    Nothing is sent: these are the costs a user would measure before running the pipeline.
-    Every stage gets a micro-batch of ``x`` as input (the sleep layers keep shapes)."""
-    sched = pipe.schedule
-    out: dict[int, tuple[float, float, float, float]] = {}
-    for s, stage in pipe.stages.items():
-        last = s == sched.num_stages - 1
-        head = (lambda o: sleep_loss(o, y)) if last else None
-        f, b, i, w = [], [], [], []
-        for _ in range(reps + 1):
-            split = sched.splits_backward(s)
-            t0 = time.perf_counter()
-            o, _ = stage.forward_step(-1, x, head, False, capture=split)
-            t1 = time.perf_counter()
-            grads = None if last else [torch.ones_like(o)]
-            if split:
-                stage.input_grad_step(-1, grads, head)
-                t2 = time.perf_counter()
-                stage.weight_grad_step(-1)
-                i.append(t2 - t1)
-                w.append(time.perf_counter() - t2)
-            else:
-                stage.backward_step(-1, grads, head)
-                b.append(time.perf_counter() - t1)
-            f.append(t1 - t0)
-        pipe.zero_grad()
-        if split:
-            b = [a + c for a, c in zip(i, w, strict=True)]
-        pick = lambda v: median(v[1:]) if v else 0.0  # noqa: E731
-        out[s] = (pick(f), pick(b), pick(i), pick(w))
-    return out
-
-
-def ping_pong(pipe: lw.Pipeline, like: torch.Tensor, rounds: int = 30) -> float:
-    """Median one-way time of a message of ``like``'s size between neighbouring workers
-    (seconds), measured before the pipeline runs; 0 with one worker. Collective.
-
-    All neighbour pairs exchange at once (0-1 with 2-3, then 1-2 with 3-4, ...), because in
-    the run every boundary is busy at the same time and the processes share the cores."""
-    p = pipe.num_workers
-    if p < 2:
-        return 0.0
-    buf = torch.empty_like(like)
-    times = []
-    for phase in (0, 1):
-        for i in range(rounds + 2):
-            dist.barrier()
-            w = pipe.worker
-            t0 = time.perf_counter()
-            if (w - phase) % 2 == 0 and w + 1 < p and w >= phase:
-                dist.send(like, w + 1)
-                dist.recv(buf, w + 1)
-            elif (w - phase) % 2 == 1 and w >= phase:
-                dist.recv(buf, w - 1)
-                dist.send(like, w - 1)
-            else:
-                continue
-            if i >= 2:
-                times.append((time.perf_counter() - t0) / 2)
-    gathered: list[Any] = [None] * p
-    dist.all_gather_object(gathered, times)
-    return median([t for ts in gathered for t in ts])
-
-
-def profiled(pipe: lw.Pipeline, x: torch.Tensor, y: torch.Tensor) -> lw.Costs:
-    """Costs measured before the run (each stage alone; a ping-pong): a genuine prediction."""
-    sched = pipe.schedule
-    m = sched.num_microbatches
-    mine = profile_stages(pipe, x[: x.shape[0] // m], y[: y.shape[0] // m])
-    gathered: list[Any] = [None] * pipe.num_workers
-    dist.all_gather_object(gathered, mine)
-    stages = {s: c for part in gathered for s, c in part.items()}
-    col = [[stages[s][k] for s in range(sched.num_stages)] for k in range(4)]
-    latency = ping_pong(pipe, x[: x.shape[0] // m].contiguous())
-    if sched.split_stages:
-        return lw.Costs.per_stage(col[0], col[1], col[2], col[3], comm_latency=latency)
-    return lw.Costs.per_stage(col[0], col[1], comm_latency=latency)
-
-
 def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     results = []
@@ -147,7 +64,7 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
             pipe = lw.Pipeline(layers, schedule=schedule, microbatches=m, loss_fn=sleep_loss)
             x = torch.randn(m * args["rows"], args["width"])
             y = torch.randn(m * args["rows"], args["width"])
-            before = profiled(pipe, x, y)
+            before = pipe.calibrate(x, y)  # costs measured before the run
             timelines: list[lw.Timeline] = []
 
             def step(pipe: lw.Pipeline = pipe, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
@@ -244,7 +161,7 @@ def main() -> None:
                 "makespan / profiled",
                 "calibrated pred ms",
                 "makespan / calibrated",
-                "latency ping-pong / hand-off ms",
+                "hand-off before / in run ms",
                 "bubble pred / meas",
             ],
             rows,

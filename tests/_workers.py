@@ -207,7 +207,44 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     loss = pipe.train_step(x5 if pipe.is_first else None, y5 if pipe.is_last else None)
     results["channels new shapes"] = compare(pipe, loss, ref_loss, ref_grads)
     results["channels groups"] = len(pipe.transport.channels)
+    results["calibrate"] = calibrate_cases(world, x, y)
     return results
+
+
+def calibrate_cases(world: int, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+    """Pipeline.calibrate: sensible costs for every stage, and training state left as it was
+    (the gradients already accumulated, and the next step's loss and gradients)."""
+    errors = []
+    ref_loss, ref_grads = reference(mlp_layers(), x, y, mse)
+    for schedule, m in (("1f1b", 4), ("zb-h1", 4), ("interleaved-1f1b", 2 * world)):
+        pipe = lw.Pipeline(mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse)
+        first, last = pipe.is_first, pipe.is_last
+        pipe.train_step(x if first else None, y if last else None)
+        before = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+        rng = torch.get_rng_state()
+        costs = pipe.calibrate(x if first else None, y if last else None, steps=2)
+        after = {n: p.grad for n, p in pipe.named_parameters() if p.grad is not None}
+        if before.keys() != after.keys() or any(
+            not torch.equal(before[n], after[n]) for n in before
+        ):
+            errors.append(f"{schedule}: calibrate changed the accumulated gradients")
+        if not torch.equal(rng, torch.get_rng_state()):
+            errors.append(f"{schedule}: calibrate changed the random state")
+        n = pipe.schedule.num_stages
+        if len(costs.forward) != n or min(costs.forward) <= 0 or min(costs.backward) <= 0:
+            errors.append(f"{schedule}: costs {costs}")
+        if schedule == "zb-h1" and min(costs.weight_grad) <= 0:
+            errors.append(f"{schedule}: no measured W cost {costs.weight_grad}")
+        if not 0 < costs.comm_latency < 1.0:
+            errors.append(f"{schedule}: hand-off {costs.comm_latency}")
+        if lw.simulate(pipe.schedule, costs).makespan() <= 0:
+            errors.append(f"{schedule}: empty prediction")
+        pipe.zero_grad()
+        loss = pipe.train_step(x if first else None, y if last else None)
+        errors += [
+            f"{schedule} after calibrate: {e}" for e in compare(pipe, loss, ref_loss, ref_grads)
+        ]
+    return errors
 
 
 def tied_gpt_reference(

@@ -60,6 +60,15 @@ def test_order_matched_channels_match_single_process(equivalence: tuple[int, lis
         assert res["channels groups"] == 2 * neighbours
 
 
+@pytest.mark.timeout(300)
+def test_calibrate_measures_costs_and_leaves_training_alone(
+    equivalence: tuple[int, list[dict]],
+) -> None:
+    _, results = equivalence
+    for rank, res in enumerate(results):
+        assert res["calibrate"] == [], f"worker {rank}: {res['calibrate']}"
+
+
 def test_single_worker_without_process_group() -> None:
     torch.manual_seed(1)
     x, y = torch.randn(8, w.D), torch.randn(8, w.D)

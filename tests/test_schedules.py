@@ -12,6 +12,7 @@ from layerwise.schedules import (
     from_csv,
     from_text,
     generate,
+    sequential,
     stream_order_problems,
     to_csv,
     to_text,
@@ -130,3 +131,17 @@ def test_every_built_in_schedule_sends_each_stream_in_micro_batch_order() -> Non
     assert stream_order_problems(swapped) == [
         "stage 0 (worker 0) runs its forwards in micro-batch order [1, 0]"
     ]
+
+
+@pytest.mark.timeout(60)
+def test_sequential_runs_one_micro_batch_through_the_same_stages() -> None:
+    for name, p, m, v in CASES:
+        like = generate(name, p, m, v)
+        seq = sequential(like)
+        assert seq.num_microbatches == 1
+        assert seq.stage_worker == like.stage_worker
+        assert seq.split_stages == like.split_stages
+        kinds = sorted(a.kind for acts in seq.actions for a in acts)
+        per_stage = ["F", "I", "W"] if like.split_stages else ["B", "F"]
+        assert kinds == sorted(per_stage * like.num_stages)
+        assert from_text(to_text(seq)).actions == seq.actions

@@ -450,6 +450,26 @@ def validate(schedule: Schedule) -> None:
     _ = schedule.order
 
 
+def sequential(like: Schedule) -> Schedule:
+    """One micro-batch through ``like``'s stages, on the same workers, one action at a time.
+
+    Forwards in stage order, then backwards in reverse (I where ``like`` splits the
+    backward), then the deferred weight gradients (W). Nothing overlaps and every hand-off
+    happens while its receiver has nothing else to do, so a measured run of it shows each
+    stage's own costs and the plain cost of a message (see ``Pipeline.calibrate``)."""
+    split = like.split_stages
+    rows: list[list[Action]] = [[] for _ in range(like.num_workers)]
+    order = list(range(like.num_stages))
+    for s in order:
+        rows[like.stage_worker[s]].append(Action(s, "F", 0))
+    for s in reversed(order):
+        rows[like.stage_worker[s]].append(Action(s, "I" if s in split else "B", 0))
+    for s in reversed(order):
+        if s in split:
+            rows[like.stage_worker[s]].append(Action(s, "W", 0))
+    return _build("sequential", rows, 1, like.stage_worker)
+
+
 def stream_order_problems(schedule: Schedule) -> list[str]:
     """Where a stream of messages would not go in micro-batch order; empty if none.
 

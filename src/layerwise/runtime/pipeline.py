@@ -26,9 +26,11 @@ from layerwise.schedules import (
     Schedule,
     dependencies,
     generate,
+    sequential,
     stream_order_problems,
     validate,
 )
+from layerwise.simulate import Costs, measured_costs
 from layerwise.timeline import Event, Timeline
 
 CHECKPOINT_MODES = ("never", "always", "except_last")
@@ -585,3 +587,43 @@ class Pipeline:
             },
         )
         return tl.shifted()
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def calibrate(self, inputs: Any = None, targets: Any = None, steps: int = 3) -> Costs:
+        """Measure this pipeline's costs before training on it; return them for the simulator.
+
+        Collective. Runs ``steps`` passes of one micro-batch of ``inputs``/``targets`` (the
+        first of the ``m`` the schedule would cut) through the stages one after another
+        (``schedules.sequential``): each stage's forward and backward (or I and W) alone, and
+        every message while its receiver has nothing else to do. Returns each stage's mean
+        costs and the median hand-off (``simulate.measured_costs``), so that
+        ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
+        or of any other with the same stages. Gradients, random state and the gradient
+        reducer are left as they were. On a machine where the workers outnumber the cores, a
+        real step also waits for cores, which this cannot see.
+        """
+        if steps < 1:
+            raise ValueError(f"calibrate needs at least one step, got {steps}")
+        m = self.schedule.num_microbatches
+        x = split_batch(inputs, m)[0] if self.is_first and inputs is not None else inputs
+        y = split_batch(targets, m)[0] if self.is_last and targets is not None else targets
+        saved = (self.schedule, self.grad_reducer, self._last_plan, self._events)
+        grads = [(p, p.grad) for p in self.parameters()]
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        timelines = []
+        try:
+            self.schedule, self.grad_reducer = sequential(saved[0]), None
+            for _ in range(steps + 1):  # the first pass exchanges shapes: not counted
+                self.zero_grad()
+                self.train_step(x, y)
+                timelines.append(self.timeline())
+            return measured_costs(timelines[1:], self.schedule)
+        finally:
+            self.schedule, self.grad_reducer, self._last_plan, self._events = saved
+            for p, g in grads:
+                p.grad = g
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
