@@ -88,6 +88,26 @@ def test_single_worker_without_process_group() -> None:
     assert len(pipe.stages) == 2  # interleaved on one worker: two chunks, local hand-off
 
 
+def test_calibrate_on_one_worker_restores_the_pipeline() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(8, w.D), torch.randn(8, w.D)
+    ref_loss, ref_grads = w.reference(w.mlp_layers(), x, y, w.mse)
+    for schedule in ("1f1b", "zb-h1", "interleaved-1f1b"):
+        for ckpt in ("never", "except_last"):
+            pipe = lw.Pipeline(
+                w.mlp_layers(), schedule=schedule, microbatches=4, loss_fn=w.mse, checkpoint=ckpt
+            )
+            sched = pipe.schedule
+            costs = pipe.calibrate(x, y, steps=1)
+            assert pipe.schedule is sched and pipe.checkpoint == ckpt
+            assert len(costs.forward) == sched.num_stages and costs.comm_latency == 0.0
+            assert all(p.grad is None for p in pipe.parameters())
+            loss = pipe.train_step(x, y)
+            assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, ckpt)
+    with pytest.raises(ValueError, match="at least one step"):
+        pipe.calibrate(x, y, steps=0)
+
+
 def test_bf16_autocast_runs_forward_in_bfloat16() -> None:
     torch.manual_seed(1)
     x, y = torch.randn(6, w.D), torch.randn(6, w.D)

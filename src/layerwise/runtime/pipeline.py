@@ -608,20 +608,23 @@ class Pipeline:
         m = self.schedule.num_microbatches
         x = split_batch(inputs, m)[0] if self.is_first and inputs is not None else inputs
         y = split_batch(targets, m)[0] if self.is_last and targets is not None else targets
-        saved = (self.schedule, self.grad_reducer, self._last_plan, self._events)
+        saved = (self.schedule, self.grad_reducer, self._last_plan, self._events, self.checkpoint)
         grads = [(p, p.grad) for p in self.parameters()]
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         timelines = []
         try:
             self.schedule, self.grad_reducer = sequential(saved[0]), None
+            if self.checkpoint == "except_last":  # one micro-batch is the last: recompute it
+                self.checkpoint = "always"  # as all but one of the real step's will be
             for _ in range(steps + 1):  # the first pass exchanges shapes: not counted
                 self.zero_grad()
                 self.train_step(x, y)
                 timelines.append(self.timeline())
             return measured_costs(timelines[1:], self.schedule)
         finally:
-            self.schedule, self.grad_reducer, self._last_plan, self._events = saved
+            (self.schedule, self.grad_reducer, self._last_plan, self._events,
+             self.checkpoint) = saved  # fmt: skip
             for p, g in grads:
                 p.grad = g
             torch.set_rng_state(rng)
