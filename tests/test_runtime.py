@@ -106,6 +106,10 @@ def test_calibrate_on_one_worker_restores_the_pipeline() -> None:
             assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, ckpt)
     with pytest.raises(ValueError, match="at least one step"):
         pipe.calibrate(x, y, steps=0)
+    norm = lw.Pipeline([nn.BatchNorm1d(w.D), nn.Linear(w.D, w.D)], loss_fn=w.mse, microbatches=2)
+    before = [b.clone() for b in norm.stages[0].buffers()]
+    norm.calibrate(x, y, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, norm.stages[0].buffers(), strict=True))
 
 
 def test_bf16_autocast_runs_forward_in_bfloat16() -> None:

@@ -599,9 +599,9 @@ class Pipeline:
         every message while its receiver has nothing else to do. Returns each stage's mean
         costs and the median hand-off (``simulate.measured_costs``), so that
         ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
-        or of any other with the same stages. Gradients, random state and the gradient
-        reducer are left as they were. On a machine where the workers outnumber the cores, a
-        real step also waits for cores, which this cannot see.
+        or of any other with the same stages. Gradients, buffers (batch-norm statistics),
+        random state and the gradient reducer are left as they were. On a machine where the
+        workers outnumber the cores, a real step also waits for cores, which this cannot see.
         """
         if steps < 1:
             raise ValueError(f"calibrate needs at least one step, got {steps}")
@@ -610,6 +610,8 @@ class Pipeline:
         y = split_batch(targets, m)[0] if self.is_last and targets is not None else targets
         saved = (self.schedule, self.grad_reducer, self._last_plan, self._events, self.checkpoint)
         grads = [(p, p.grad) for p in self.parameters()]
+        # forwards in training mode may update buffers (batch-norm statistics): keep them
+        buffers = [(b, b.detach().clone()) for st in self.stages.values() for b in st.buffers()]
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         timelines = []
@@ -627,6 +629,9 @@ class Pipeline:
              self.checkpoint) = saved  # fmt: skip
             for p, g in grads:
                 p.grad = g
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
