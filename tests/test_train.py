@@ -60,6 +60,13 @@ def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: P
     assert report["suggestions"] and all(s["predicted_step_s"] > 0 for s in report["suggestions"])
     text = render(report)
     assert "suggestions" in text and "idle %" in text
+    # the step was predicted before training, from the pipeline calibrated on batch 0
+    prediction = json.loads((run / "prediction.json").read_text())
+    assert prediction["schedule"] == "1f1b" and prediction["predicted_step_s"] > 0
+    assert len(prediction["stage_forward_s"]) == 2 and prediction["handoff_s"] > 0
+    assert set(prediction["same_stages_other_schedules_s"]) == {"gpipe", "1f1b", "zb-h1"}
+    assert report["predicted_before_training_s"] == prediction["predicted_step_s"]
+    assert "predicted before training (calibrate)" in text
 
 
 def _cli(*args: str) -> list[str]:

@@ -133,6 +133,8 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     totals = [f + b for f, b in zip(fwd, bwd, strict=True)]
     mean_total = statistics.fmean(totals) if totals else 0.0
     steps = [r["step_time"] for r in metrics if "step_time" in r]
+    before = run_dir / "prediction.json"
+    prediction = json.loads(before.read_text()) if before.exists() else None
     return {
         "run_dir": str(run_dir),
         "config": {
@@ -163,6 +165,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         "predicted_bubble": simulated.bubble_fraction(),
         "measured_step_s": measured.makespan(),
         "predicted_step_s": simulated.makespan(),
+        "predicted_before_training_s": prediction["predicted_step_s"] if prediction else None,
         "nonfinite_steps": [r["step"] for r in metrics if "skipped" in r],
         "loss_spikes": [{"step": r["step"], "what": r["spike"]} for r in metrics if "spike" in r],
         "suggestions": (
@@ -209,6 +212,20 @@ def render(report: dict[str, Any]) -> str:
         f"{report['predicted_step_s']:.4f}s predicted from the measured stage times and hand-offs",
         f"hand-off between workers (data ready to use): {1e3 * report['handoff_latency_s']:.2f} ms",
     ]
+    before = report.get("predicted_before_training_s")
+    if before and report["median_step_s"]:
+        cores, local = report.get("cores"), report.get("local_workers")
+        shared = (
+            f"; {local} workers share {cores} cores here, which the calibration (one stage "
+            f"at a time) cannot see"
+            if cores and local and local > cores
+            else ""
+        )
+        lines.append(
+            f"predicted before training (calibrate): {before:.4f}s per step; median step "
+            f"measured {report['median_step_s']:.4f}s ({report['median_step_s'] / before:.2f}x, "
+            f"including the optimizer and logging{shared})"
+        )
     gap = (
         report["measured_step_s"] / report["predicted_step_s"]
         if report["predicted_step_s"]

@@ -38,6 +38,8 @@ from layerwise.rundir import (
 )
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
+from layerwise.schedules import generate
+from layerwise.simulate import simulate
 from layerwise.timeline import Timeline
 
 
@@ -305,6 +307,32 @@ class Trainer:
                       idle=measured.bubble_fraction())  # fmt: skip
         return record, measured
 
+    def predict(self) -> dict[str, Any]:
+        """Before training: calibrate the pipeline on the first batch and predict a step of
+        this schedule and of the others that use the same stages (collective)."""
+        pipe, layout = self.pipe, self.groups.layout
+        x, y = (None, None)
+        if self.batcher is not None:
+            x, y = self.batcher.get_batch(0, self.groups.dp_rank, layout.dp)
+        costs = pipe.calibrate(x if pipe.is_first else None, y if pipe.is_last else None)
+        sched = pipe.schedule
+        others = {}
+        if sched.chunks == 1:
+            for name in ("gpipe", "1f1b", "zb-h1"):
+                alt = generate(name, sched.num_workers, sched.num_microbatches)
+                others[name] = simulate(alt, costs).makespan()
+        return {
+            "schedule": sched.name,
+            "microbatches": sched.num_microbatches,
+            "predicted_step_s": simulate(sched, costs).makespan(),
+            "stage_forward_s": list(costs.forward),
+            "stage_backward_s": list(costs.backward),
+            "handoff_s": costs.comm_latency,
+            "same_stages_other_schedules_s": others,
+            "how": "Pipeline.calibrate before the first step: one micro-batch through the "
+            "stages one after another, then the simulator",
+        }
+
     def validation_loss(self) -> float:
         pipe = self.pipe
         batches = self.val or [(None, None)] * self.cfg.eval_batches
@@ -329,6 +357,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if start == 0:
+        prediction = trainer.predict()
+        if rank == 0:
+            (run_dir / "prediction.json").write_text(json.dumps(prediction, indent=2))
+            print(describe_prediction(prediction), flush=True)
     log = RunLog(run_dir, start) if rank == 0 else None
     bar = progress_bar(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
     record: dict[str, Any] = {}
@@ -355,6 +388,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             write_pictures(run_dir, measured, twin)
     write_summary(run_dir, str(cfg.parallel_layout()), record, trainer.pipe)
     return record
+
+
+def describe_prediction(prediction: dict[str, Any]) -> str:
+    """One line: the step the simulator predicts from the costs measured before training."""
+    others = ", ".join(
+        f"{name} {t:.3f}s"
+        for name, t in prediction["same_stages_other_schedules_s"].items()
+        if name != prediction["schedule"]
+    )
+    return (
+        f"predicted step {prediction['predicted_step_s']:.3f}s ({prediction['schedule']}, from "
+        f"the stages measured before training; hand-off "
+        f"{1e3 * prediction['handoff_s']:.2f} ms)"
+        + (f"; on the same stages {others}" if others else "")
+    )
 
 
 def _layout_label(cfg: TrainConfig) -> str:
