@@ -276,19 +276,28 @@ def gpt_cases(rank: int, world: int) -> dict[str, Any]:
     cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=3)
     x, y, ref, ref_grads = tied_gpt_reference(cfg, rows=4, seed=0)
     results: dict[str, Any] = {}
-    for case in ("1f1b", "zb-h1", "1f1b channels"):
-        schedule, _, p2p = case.partition(" ")
-        pipe = lw.Pipeline(
-            gpt_layers(cfg),
-            schedule=schedule,
-            p2p=p2p or "auto",
-            microbatches=2,
-            loss_fn=loss_fn,
-            tied=tied_parameter_names(cfg),
-        )
+    for case in TIED_GPT_CASES:
+        pipe = tied_gpt_pipeline(cfg, case)
         loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
-        results[schedule] = compare(pipe, loss, ref.item(), ref_grads)
+        results[case] = compare(pipe, loss, ref.item(), ref_grads)
     return results
+
+
+TIED_GPT_CASES = ("1f1b", "zb-h1", "1f1b channels")  # schedule, then p2p mode if not auto
+
+
+def tied_gpt_pipeline(cfg: GPTConfig, case: str, **options: Any) -> lw.Pipeline:
+    """The tied GPT of ``cfg`` as a 2-micro-batch pipeline for one of ``TIED_GPT_CASES``."""
+    schedule, _, p2p = case.partition(" ")
+    return lw.Pipeline(
+        gpt_layers(cfg),
+        schedule=schedule,
+        p2p=p2p or "auto",
+        microbatches=2,
+        loss_fn=loss_fn,
+        tied=tied_parameter_names(cfg),
+        **options,
+    )
 
 
 def dying_worker(rank: int, world: int, victim: int) -> str | None:
@@ -385,15 +394,10 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
     rows = x.shape[0] // dp
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
     results: dict[str, Any] = {}
-    for case in ("1f1b", "zb-h1", "1f1b channels"):
-        schedule, _, p2p = case.partition(" ")
-        pipe = lw.Pipeline(
-            gpt_layers(cfg),
-            schedule=schedule,
-            p2p=p2p or "auto",
-            microbatches=2,
-            loss_fn=loss_fn,
-            tied=tied_parameter_names(cfg),
+    for case in TIED_GPT_CASES:
+        pipe = tied_gpt_pipeline(
+            cfg,
+            case,
             group=mesh["pp"].get_group(),
             parallelize=lambda i, m: tensor_parallel(m, mesh["tp"]),
             grad_reducer=GradReducer(mesh["dp"].get_group()) if dp > 1 else None,
@@ -440,12 +444,9 @@ def _zero_step_matches(
         f"{i}.{k}": p.detach() for i, layer in enumerate(model) for k, p in layer.named_parameters()
     }
     expected[f"{cfg.n_layers + 1}.lm_head.weight"] = expected["0.tok.weight"]
-    pipe = lw.Pipeline(
-        gpt_layers(cfg),
-        schedule="1f1b",
-        microbatches=2,
-        loss_fn=loss_fn,
-        tied=tied_parameter_names(cfg),
+    pipe = tied_gpt_pipeline(
+        cfg,
+        "1f1b",
         group=mesh["pp"].get_group(),
         parallelize=lambda i, m: tensor_parallel(m, mesh["tp"]),
         grad_reducer=GradReducer(mesh["dp"].get_group()),

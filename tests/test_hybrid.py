@@ -14,7 +14,7 @@ from layerwise.runtime.launch import run_workers
 def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
     results = run_workers(w.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
     for rank, res in enumerate(results):
-        for case in ("1f1b", "zb-h1", "1f1b channels"):
+        for case in w.TIED_GPT_CASES:
             assert res[case] == [], f"rank {rank} {case}: {res[case]}"
             if tp > 1:  # the blocks' linears really are split
                 assert res[f"{case} sharded"] > 0

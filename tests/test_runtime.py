@@ -142,6 +142,7 @@ def test_factories_are_seeded_per_layer_not_per_worker() -> None:
 def test_tied_gpt_matches_single_process() -> None:
     results = run_workers(w.gpt_cases, 2, timeout_s=240)
     for rank, res in enumerate(results):
+        assert set(res) == set(w.TIED_GPT_CASES)
         for schedule, errors in res.items():
             assert errors == [], f"worker {rank}, {schedule}: {errors}"
 
