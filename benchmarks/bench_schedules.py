@@ -6,11 +6,11 @@ median step time after a warm-up and the measured makespan (first action start t
 action end, without the step's set-up and loss broadcast), against three predictions:
 
 - *nominal*: the simulator with the layers' nominal costs (F, B) and free messages;
-- *profiled*: the simulator with costs measured **before** the run by
+- *before the run*: the simulator with costs measured **before** the run by
   ``Pipeline.calibrate``: one micro-batch through the stages one after another, so each
   stage's forward and backward (or I and W) and each message are seen alone. This is what a
   user can predict ahead of a run, and what the runtime has to match;
-- *calibrated*: the simulator with the costs the run actually had (``measured_costs``: each
+- *from the run*: the simulator with the costs the run actually had (``measured_costs``: each
   stage's mean action durations and the median hand-off latency), which separates "the
   layers did not take F and B" and "messages take time" from "the runtime left gaps".
 
@@ -48,12 +48,6 @@ def predict(schedule: str, p: int, m: int, fwd_ms: float, bwd_ms: float) -> lw.T
     return lw.simulate(sched, lw.Costs.uniform(sched.num_stages, forward=f / 1e3, backward=b / 1e3))
 
 
-def calibrated(schedule: str, p: int, m: int, timelines: list[lw.Timeline]) -> lw.Costs:
-    """The costs the runs actually had: mean action durations and median hand-off latency."""
-    sched = lw.generate(schedule, p, m, chunks_of(schedule))
-    return measured_costs(timelines, sched)
-
-
 def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     results = []
@@ -77,8 +71,9 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
             times = timed_steps(step, args["warmup"], args["steps"], after)
             if rank == 0:
                 measured = timelines[args["warmup"] :]
-                costs = calibrated(schedule, world, m, measured)
-                sched = lw.generate(schedule, world, m, chunks_of(schedule))
+                # the costs the run actually had: mean action durations, median hand-off
+                costs = measured_costs(measured, pipe.schedule)
+                sched = pipe.schedule
                 results.append(
                     {
                         "schedule": schedule,
@@ -87,9 +82,9 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
                         "step_s_all": times,
                         "makespan_s": median([tl.makespan() for tl in measured]),
                         "bubble_measured": median([tl.bubble_fraction() for tl in measured]),
-                        "calibrated_s": lw.simulate(sched, costs).makespan(),
-                        "profiled_s": lw.simulate(sched, before).makespan(),
-                        "profiled_costs_ms": {
+                        "from_run_s": lw.simulate(sched, costs).makespan(),
+                        "before_run_s": lw.simulate(sched, before).makespan(),
+                        "before_run_costs_ms": {
                             "F": [f * 1e3 for f in before.forward],
                             "B": [b * 1e3 for b in before.backward],
                             "latency": before.comm_latency * 1e3,
@@ -132,12 +127,12 @@ def main() -> None:
                 f"{r['step_s'] / r['predicted_s']:.3f}",
                 f"{r['makespan_s'] * 1e3:.1f}",
                 f"{r['makespan_s'] / r['predicted_s']:.3f}",
-                f"{r['profiled_s'] * 1e3:.1f}",
-                f"{r['step_s'] / r['profiled_s']:.3f}",
-                f"{r['makespan_s'] / r['profiled_s']:.3f}",
-                f"{r['calibrated_s'] * 1e3:.1f}",
-                f"{r['makespan_s'] / r['calibrated_s']:.3f}",
-                f"{r['profiled_costs_ms']['latency']:.2f} / {r['handoff_s'] * 1e3:.2f}",
+                f"{r['before_run_s'] * 1e3:.1f}",
+                f"{r['step_s'] / r['before_run_s']:.3f}",
+                f"{r['makespan_s'] / r['before_run_s']:.3f}",
+                f"{r['from_run_s'] * 1e3:.1f}",
+                f"{r['makespan_s'] / r['from_run_s']:.3f}",
+                f"{r['before_run_costs_ms']['latency']:.2f} / {r['handoff_s'] * 1e3:.2f}",
                 f"{r['bubble_predicted']:.3f} / {r['bubble_measured']:.3f}",
             ]
         )
@@ -156,11 +151,11 @@ def main() -> None:
                 "step / pred",
                 "makespan ms",
                 "makespan / pred",
-                "profiled pred ms",
-                "step / profiled",
-                "makespan / profiled",
-                "calibrated pred ms",
-                "makespan / calibrated",
+                "before-run pred ms",
+                "step / before-run",
+                "makespan / before-run",
+                "from-run pred ms",
+                "makespan / from-run",
                 "hand-off before / in run ms",
                 "bubble pred / meas",
             ],
