@@ -289,7 +289,7 @@ class Pipeline:
             raise ValueError(f"worker {self.worker} holds the first stage and needs the inputs")
         return split_batch(inputs, m)
 
-    def _broadcast_plan(self, micro_batches: list[Any]) -> list[Any]:
+    def _share_plan(self, micro_batches: list[Any]) -> list[Any]:
         """Tell every worker the shape signature of each micro-batch (first worker knows).
 
         Shapes rarely change between steps, so the first worker sends one number saying
@@ -365,7 +365,7 @@ class Pipeline:
         """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
         m = self.schedule.num_microbatches
         micro_batches = self._micro_batches(inputs)
-        plan = self._broadcast_plan(micro_batches)
+        plan = self._share_plan(micro_batches)
         st = Step(plan=plan, rows=[r for r, _ in plan], inputs=micro_batches)
         if self.is_last:
             if targets is None:
@@ -528,7 +528,7 @@ class Pipeline:
         sched = self.schedule
         m = sched.num_microbatches
         mb_inputs = self._micro_batches(inputs)
-        plan = self._broadcast_plan(mb_inputs)
+        plan = self._share_plan(mb_inputs)
         outputs: dict[int, Any] = {}
         local: dict[tuple[int, int], Any] = {}
         fwd = [a for a in sched.actions[self.worker] if a.kind == "F"]
@@ -608,7 +608,8 @@ class Pipeline:
         m = self.schedule.num_microbatches
         x = split_batch(inputs, m)[0] if self.is_first and inputs is not None else inputs
         y = split_batch(targets, m)[0] if self.is_last and targets is not None else targets
-        saved = (self.schedule, self.grad_reducer, self._last_plan, self._events, self.checkpoint)
+        kept = ("schedule", "grad_reducer", "checkpoint", "_last_plan", "_events")
+        saved = {name: getattr(self, name) for name in kept}
         grads = [(p, p.grad) for p in self.parameters()]
         # forwards in training mode may update buffers (batch-norm statistics): keep them
         buffers = [(b, b.detach().clone()) for st in self.stages.values() for b in st.buffers()]
@@ -616,7 +617,7 @@ class Pipeline:
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         timelines = []
         try:
-            self.schedule, self.grad_reducer = sequential(saved[0]), None
+            self.schedule, self.grad_reducer = sequential(saved["schedule"]), None
             if self.checkpoint == "except_last":  # one micro-batch is the last: recompute it
                 self.checkpoint = "always"  # as all but one of the real step's will be
             for _ in range(steps + 1):  # the first pass exchanges shapes: not counted
@@ -625,13 +626,13 @@ class Pipeline:
                 timelines.append(self.timeline())
             return measured_costs(timelines[1:], self.schedule)
         finally:
-            (self.schedule, self.grad_reducer, self._last_plan, self._events,
-             self.checkpoint) = saved  # fmt: skip
+            for name, value in saved.items():
+                setattr(self, name, value)
             for p, g in grads:
                 p.grad = g
             with torch.no_grad():
-                for b, value in buffers:
-                    b.copy_(value)
+                for b, before in buffers:
+                    b.copy_(before)
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
