@@ -212,27 +212,14 @@ def render(report: dict[str, Any]) -> str:
         f"{report['predicted_step_s']:.4f}s predicted from the measured stage times and hand-offs",
         f"hand-off between workers (data ready to use): {1e3 * report['handoff_latency_s']:.2f} ms",
     ]
-    before = report.get("predicted_before_training_s")
-    if before and report["median_step_s"]:
-        cores, local = report.get("cores"), report.get("local_workers")
-        shared = (
-            f"; {local} workers share {cores} cores here, which the calibration (one stage "
-            f"at a time) cannot see"
-            if cores and local and local > cores
-            else ""
-        )
-        lines.append(
-            f"predicted before training (calibrate): {before:.4f}s per step; median step "
-            f"measured {report['median_step_s']:.4f}s ({report['median_step_s'] / before:.2f}x, "
-            f"including the optimizer and logging{shared})"
-        )
     gap = (
         report["measured_step_s"] / report["predicted_step_s"]
         if report["predicted_step_s"]
         else 1.0
     )
     cores, local = report.get("cores"), report.get("local_workers")
-    if gap > 1.1 and cores and local and local > cores:
+    oversubscribed = bool(cores and local and local > cores)
+    if gap > 1.1 and oversubscribed:
         lines.append(
             f"  measured step is {gap:.2f}x the prediction: {local} workers share {cores} cores "
             f"on this machine, so busy workers wait for a core; the simulator gives each "
@@ -242,6 +229,19 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"  measured step is {gap:.2f}x the prediction: time goes to communication "
             f"or contention the schedule does not show (see comm wait)"
+        )
+    before = report.get("predicted_before_training_s")
+    if before and report["median_step_s"]:
+        shared = (
+            f"; {local} workers share {cores} cores here, which the calibration (one stage "
+            f"at a time) cannot see"
+            if oversubscribed
+            else ""
+        )
+        lines.append(
+            f"predicted before training (calibrate): {before:.4f}s per step; median step "
+            f"measured {report['median_step_s']:.4f}s ({report['median_step_s'] / before:.2f}x, "
+            f"including the optimizer and logging{shared})"
         )
     lines.append(
         f"non-finite steps: {report['nonfinite_steps'] or 'none'}; loss spikes: "

@@ -283,10 +283,7 @@ class Trainer:
         """Train on batch ``step``; return its record and measured timeline."""
         cfg, pipe = self.cfg, self.pipe
         t0 = time.perf_counter()
-        x, y = (None, None)
-        if self.batcher is not None:  # each replica gets its share of the global batch
-            x, y = self.batcher.get_batch(step, self.groups.dp_rank, self.groups.layout.dp)
-        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        loss = pipe.train_step(*self._batch(step))
         loss = self._mean_over_replicas(loss)
         norm = global_grad_norm(pipe, self.groups)
         record: dict[str, Any] = {"step": step, "loss": loss, "grad_norm": norm,
@@ -307,14 +304,20 @@ class Trainer:
                       idle=measured.bubble_fraction())  # fmt: skip
         return record, measured
 
+    def _batch(self, step: int) -> tuple[Any, Any]:
+        """Batch ``step`` as this rank passes it to the pipeline: inputs on the first stage's
+        worker, targets on the last's, None elsewhere; each replica gets its share."""
+        x, y = (None, None)
+        if self.batcher is not None:
+            x, y = self.batcher.get_batch(step, self.groups.dp_rank, self.groups.layout.dp)
+        pipe = self.pipe
+        return (x if pipe.is_first else None), (y if pipe.is_last else None)
+
     def predict(self) -> dict[str, Any]:
         """Before training: calibrate the pipeline on the first batch and predict a step of
         this schedule and of the others that use the same stages (collective)."""
-        pipe, layout = self.pipe, self.groups.layout
-        x, y = (None, None)
-        if self.batcher is not None:
-            x, y = self.batcher.get_batch(0, self.groups.dp_rank, layout.dp)
-        costs = pipe.calibrate(x if pipe.is_first else None, y if pipe.is_last else None)
+        pipe = self.pipe
+        costs = pipe.calibrate(*self._batch(0))
         sched = pipe.schedule
         others = {}
         if sched.chunks == 1:
