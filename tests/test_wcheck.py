@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _workers as w
 import layerwise as lw
 from layerwise.runtime.wcheck import parameters_used_outside_owners, shared_uses
 
@@ -63,12 +64,12 @@ def test_stray_and_shared_uses_are_found_and_named() -> None:
 def reference_grads(
     layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    model = nn.Sequential(*layers)
-    loss = F.mse_loss(model(x), y)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
+    """Single-process loss and gradients; the layers are left without gradients, since the
+    pipeline then trains these very modules."""
+    loss, grads = w.reference(layers, x, y, F.mse_loss)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    return loss, grads
 
 
 class Twice(nn.Module):
