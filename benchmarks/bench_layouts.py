@@ -54,7 +54,7 @@ def write_corpus(path: Path, size: int = 1_000_000) -> Path:
     """Write the first ``size`` bytes of the default corpus (the standard library's source)
     to ``path`` once, so that each run loads a small file instead of walking the stdlib."""
     if not path.exists():
-        from layerwise.data import load_corpus
+        from layerwise.job.data import load_corpus
 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(load_corpus(None, size))

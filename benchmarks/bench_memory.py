@@ -34,7 +34,7 @@ from torch import nn
 
 import layerwise as lw
 from _common import median, table, write_json
-from layerwise.runtime.launch import run_workers
+from layerwise.job.launcher import run_workers
 
 CONFIGS = (
     ("gpipe", "never"),

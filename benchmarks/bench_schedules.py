@@ -26,7 +26,7 @@ import torch
 
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
-from layerwise.runtime.launch import run_workers
+from layerwise.job.launcher import run_workers
 from layerwise.simulate import measured_costs
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")

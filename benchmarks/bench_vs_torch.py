@@ -33,8 +33,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
+from layerwise.job.launcher import run_workers
 from layerwise.models import gpt
-from layerwise.runtime.launch import run_workers
 
 TORCH_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 

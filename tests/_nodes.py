@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from layerwise.runtime.launch import free_port
+from layerwise.job.launcher import free_port
 
 
 def tiny_model(corpus: str, microbatches: int = 2) -> list[str]:

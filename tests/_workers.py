@@ -343,7 +343,7 @@ def divide_by_zero(rank: int, world: int) -> float:
 
 def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, Any]:
     """Short training runs on this world size: layouts, and an interrupted run resumed."""
-    from layerwise.train import TrainConfig, train
+    from layerwise.job.train import TrainConfig, train
 
     base = dict(
         workers=world,
@@ -383,10 +383,10 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
     from torch.distributed.tensor import DTensor
 
     from layerwise.parallel.data import GradReducer
-    from layerwise.parallel.mesh import Layout, build_mesh
+    from layerwise.parallel.mesh import Grid, build_mesh
     from layerwise.parallel.tensor import tensor_parallel
 
-    layout = Layout(dp=dp, pp=pp, tp=tp)
+    layout = Grid(dp=dp, pp=pp, tp=tp)
     mesh = build_mesh(layout)
     dp_rank = layout.coords(rank)[0]
     cfg = GPTConfig(seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True, seed=5)

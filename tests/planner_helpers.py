@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerwise.planner.cli import add_plan_parser
+from layerwise.cli.plan import add_parser
 
 DATA = Path(__file__).parent / "data"
 NARAYANAN = DATA / "published_runs.csv"
@@ -16,5 +16,5 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """Returns the namespace ``layerwise plan ...`` would get."""
     parser = argparse.ArgumentParser(prog="layerwise")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_plan_parser(sub)
+    add_parser(sub)
     return parser.parse_args(["plan", *argv])

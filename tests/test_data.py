@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerwise.data import (
+from layerwise.job.data import (
     VOCAB_SIZE,
     Batcher,
     decode,

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from layerwise.cli import main
-from layerwise.guard import StepGuard
+from layerwise.job.guard import StepGuard
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run() -> None:

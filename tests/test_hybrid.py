@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import _workers as w
-from layerwise.parallel.mesh import Layout, check_layout, describe_mesh
-from layerwise.runtime.launch import run_workers
+from layerwise.job.launcher import run_workers
+from layerwise.parallel.mesh import Grid, check_grid, describe_mesh
 
 
 @pytest.mark.timeout(400)
@@ -23,7 +23,7 @@ def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
 
 
 def test_layout_grid_is_tensor_parallel_innermost() -> None:
-    layout = Layout(dp=2, pp=2, tp=2)
+    layout = Grid(dp=2, pp=2, tp=2)
     assert [layout.coords(r) for r in range(8)] == [
         (0, 0, 0),
         (0, 0, 1),
@@ -42,17 +42,17 @@ def test_layout_grid_is_tensor_parallel_innermost() -> None:
 @pytest.mark.parametrize(
     ("layout", "world", "message"),
     [
-        (Layout(2, 2, 2), 6, r"world size 6 is not dp\*pp\*tp"),
-        (Layout(1, 2, 3), None, r"--tp 3 does not divide the attention heads \(4\)"),
-        (Layout(1, 9, 1), None, r"--pp 9 is larger than the number of layers \(6\)"),
-        (Layout(0, 1, 1), None, r"--dp must be >= 1"),
+        (Grid(2, 2, 2), 6, r"world size 6 is not dp\*pp\*tp"),
+        (Grid(1, 2, 3), None, r"--tp 3 does not divide the attention heads \(4\)"),
+        (Grid(1, 9, 1), None, r"--pp 9 is larger than the number of layers \(6\)"),
+        (Grid(0, 1, 1), None, r"--dp must be >= 1"),
     ],
 )
 def test_bad_layouts_fail_before_any_process_group(
-    layout: Layout, world: int | None, message: str
+    layout: Grid, world: int | None, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        check_layout(layout, world, heads=4, d_model=64, d_ff=256, num_layers=6)
+        check_grid(layout, world, heads=4, d_model=64, d_ff=256, num_layers=6)
 
 
 @pytest.mark.timeout(300)

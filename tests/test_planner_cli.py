@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from layerwise.planner.cli import run_plan
+from layerwise.cli.plan import run_plan
 from layerwise.planner.local import LayerCost, measure_layer, predict_local
 from planner_helpers import parse
 

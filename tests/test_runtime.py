@@ -11,7 +11,7 @@ from torch import nn
 
 import _workers as w
 import layerwise as lw
-from layerwise.runtime.launch import WorkerError, run_workers
+from layerwise.job.launcher import WorkerError, run_workers
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["p2", "p4"])

@@ -15,8 +15,7 @@ import pytest
 
 import _workers as w
 from _nodes import tiny_model, train_on_two_nodes
-from layerwise.launcher import describe_failures
-from layerwise.runtime.launch import run_workers
+from layerwise.job.launcher import describe_failures, run_workers
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
 
@@ -52,7 +51,7 @@ def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: P
     assert latest["step"] == 4 and (run / "checkpoints" / latest["path"]).is_dir()
     assert not list((run / "checkpoints").glob("*.tmp"))
 
-    from layerwise.diagnose import diagnose, render
+    from layerwise.job.diagnose import diagnose, render
 
     report = diagnose(run)
     assert len(report["workers"]) == 2 and report["steps"] == 4

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass(frozen=True)
-class Layout:
+class Grid:
     """Degrees of data (dp), pipeline (pp) and tensor (tp) parallelism."""
 
     dp: int = 1
@@ -35,8 +35,8 @@ class Layout:
         return f"dp={self.dp} x pp={self.pp} x tp={self.tp} = {self.world} workers"
 
 
-def check_layout(
-    layout: Layout, world: int | None, heads: int, d_model: int, d_ff: int, num_layers: int
+def check_grid(
+    layout: Grid, world: int | None, heads: int, d_model: int, d_ff: int, num_layers: int
 ) -> None:
     """Raise ValueError, before any process-group work, if the layout cannot run the model.
 
@@ -61,7 +61,7 @@ def check_layout(
         )
 
 
-def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
+def build_mesh(layout: Grid, device_type: str = "cpu") -> DeviceMesh:
     """Create the (dp, pp, tp) mesh over the default process group (collective)."""
     if dist.get_world_size() != layout.world:
         raise ValueError(f"world size {dist.get_world_size()} is not dp*pp*tp = {layout}")
@@ -70,7 +70,7 @@ def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
     )
 
 
-def describe_mesh(layout: Layout) -> str:
+def describe_mesh(layout: Grid) -> str:
     """Return the rank grid as text: one line per data-parallel replica, tp groups bracketed."""
     lines = [f"rank grid {layout} (tensor parallel innermost):"]
     for d in range(layout.dp):

@@ -8,8 +8,6 @@ measured ``layerwise train`` run on this machine.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -122,23 +120,3 @@ def predict_local(
                         "bubble_fraction": bubble, "layer_forward_s": cost.forward,
                         "layer_backward_s": cost.backward})  # fmt: skip
     return sorted(out, key=lambda r: float(r["step_time_s"]))
-
-
-def run_local(args: argparse.Namespace) -> int:
-    """Runs ``layerwise plan --local`` with small defaults; returns the exit code."""
-    rows = predict_local(
-        layers=args.layers or 8, hidden=args.hidden or 256, heads=args.heads or 4,
-        seq=args.seq or 128, micro_batch=args.micro_batch or 2,
-        global_batch=args.global_batch or 16, workers=args.workers,
-        schedule=args.schedule if args.schedule in ("1f1b", "gpipe", "zb-h1") else "1f1b",
-    )  # fmt: skip
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    first = rows[0]
-    print(f"measured one block: forward {float(first['layer_forward_s']) * 1e3:.2f} ms, "
-          f"backward {float(first['layer_backward_s']) * 1e3:.2f} ms per micro-batch")  # fmt: skip
-    for r in rows:
-        print(f"  {r['layout']:16s} {float(r['step_time_s']) * 1e3:8.1f} ms/step, "
-              f"bubble {float(r['bubble_fraction']):.1%}")  # fmt: skip
-    return 0

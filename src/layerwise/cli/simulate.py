@@ -1,11 +1,9 @@
-"""The ``layerwise`` command: train | simulate | plan | diagnose | generate."""
+"""``layerwise simulate``: predict each worker's busy and idle time for a schedule."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from layerwise.schedules import SCHEDULE_NAMES, generate
@@ -13,7 +11,7 @@ from layerwise.simulate import Costs, simulate
 from layerwise.timeline import Timeline, render_ascii, render_png, write_chrome_trace
 
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "simulate",
         help="predict each worker's busy and idle time for a schedule",
@@ -157,36 +155,3 @@ def run_simulate(args: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="layerwise",
-        description="Layer-wise model parallelism: split consecutive layers across workers.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_simulate(sub)
-    try:
-        from layerwise.planner.cli import add_plan_parser
-    except ImportError:  # the planner is optional while it is being built
-        pass
-    else:
-        add_plan_parser(sub)
-    from layerwise import commands
-
-    commands.add_parsers(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"layerwise {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,7 @@ ARCH = ("layers", "hidden", "heads", "kv_heads", "ffn", "seq", "vocab")
 GPU_FIELDS = ("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps", "network_gbps")
 
 
-def add_plan_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Registers the ``plan`` subcommand (with its ``evaluate`` mode) on ``subparsers``."""
     p = subparsers.add_parser(
         "plan",
@@ -178,10 +178,30 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.local:
             if args.schedule not in (None, "1f1b", "gpipe", "zb-h1"):
                 raise PlanError(f"--local simulates one schedule at a time, not {args.schedule!r}")
-            from layerwise.planner.local import run_local  # torch is imported only here
-
             return run_local(args)
         return _evaluate(args) if args.mode == "evaluate" else _search(args)
     except PlanError as err:
         print(f"layerwise plan: error: {err}", file=sys.stderr)
         return 1
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """Runs ``layerwise plan --local`` with small defaults; returns the exit code."""
+    from layerwise.planner.local import predict_local  # torch is imported only here
+
+    rows = predict_local(
+        layers=args.layers or 8, hidden=args.hidden or 256, heads=args.heads or 4,
+        seq=args.seq or 128, micro_batch=args.micro_batch or 2,
+        global_batch=args.global_batch or 16, workers=args.workers,
+        schedule=args.schedule if args.schedule in ("1f1b", "gpipe", "zb-h1") else "1f1b",
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    first = rows[0]
+    print(f"measured one block: forward {float(first['layer_forward_s']) * 1e3:.2f} ms, "
+          f"backward {float(first['layer_backward_s']) * 1e3:.2f} ms per micro-batch")  # fmt: skip
+    for r in rows:
+        print(f"  {r['layout']:16s} {float(r['step_time_s']) * 1e3:8.1f} ms/step, "
+              f"bubble {float(r['bubble_fraction']):.1%}")  # fmt: skip
+    return 0

@@ -94,7 +94,7 @@ def suggestions(
                 ),
                 "rebalances layers by measured time so no stage waits on a slower one",
             )
-        if cfg.get("checkpoint", "never") == "never":
+        if cfg.get("recompute", cfg.get("checkpoint", "never")) == "never":
             add(
                 "--checkpoint always (only if memory-bound)",
                 predict(
@@ -138,8 +138,8 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "config": {
-            k: cfg[k]
-            for k in ("workers", "schedule", "microbatches", "chunks", "layers", "checkpoint")
+            k: cfg.get(k)
+            for k in ("workers", "schedule", "microbatches", "chunks", "layers", "recompute")
         },
         "steps": len(metrics),
         "median_step_s": statistics.median(steps) if steps else None,

@@ -8,7 +8,6 @@ and broadcasts it so the first worker can feed it back in.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -16,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layerwise import checkpoint as ckpt
-from layerwise.data import decode, encode
+from layerwise.job import checkpoints as ckpt
+from layerwise.job.data import decode, encode
+from layerwise.job.train import load_config, parse_balance
 from layerwise.models.gpt import gpt_layers, loss_fn, tied_parameter_names
 from layerwise.runtime.pipeline import Pipeline
-from layerwise.train import TrainConfig, parse_balance
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
@@ -35,9 +34,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
     return int(torch.multinomial(torch.softmax(last, dim=-1), 1, generator=gen))
 
 
-def main_worker(args: argparse.Namespace) -> int:
+def sampling_worker(args: argparse.Namespace) -> int:
+    """Entry point on one rank: rebuild this worker's stages from the run, then sample."""
     run_dir = Path(args.run_dir)
-    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    cfg = load_config(run_dir)
     dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.timeout))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     try:

@@ -1,6 +1,6 @@
 """The training job behind ``layerwise train``: a GPT decoder trained layer-wise across workers.
 
-Runs on every rank (started by ``torchrun`` or by :mod:`layerwise.launcher`). Rank 0 shows
+Runs on every rank (started by ``torchrun`` or by :mod:`layerwise.job.launcher`). Rank 0 shows
 progress and writes the run directory: ``config.json``, ``metrics.jsonl``, ``timeline.json``,
 ``timeline.png`` (measured next to simulated), ``trace.json`` and ``checkpoints/``.
 """
@@ -20,15 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from layerwise import checkpoint as ckpt
-from layerwise.data import Batcher, load_corpus, split
-from layerwise.guard import StepGuard
-from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
-from layerwise.parallel.data import GradReducer
-from layerwise.parallel.mesh import Layout, build_mesh, check_layout
-from layerwise.parallel.tensor import tensor_parallel
-from layerwise.parallel.zero import ShardedOptimizer
-from layerwise.rundir import (
+from layerwise.job import checkpoints as ckpt
+from layerwise.job.data import Batcher, load_corpus, split
+from layerwise.job.guard import StepGuard
+from layerwise.job.rundir import (
     RunLog,
     progress_bar,
     simulated_twin,
@@ -36,6 +31,11 @@ from layerwise.rundir import (
     write_pictures,
     write_summary,
 )
+from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
+from layerwise.parallel.data import GradReducer
+from layerwise.parallel.mesh import Grid, build_mesh, check_grid
+from layerwise.parallel.tensor import tensor_parallel
+from layerwise.parallel.zero import ShardedOptimizer
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
 from layerwise.schedules import generate
@@ -55,7 +55,7 @@ class TrainConfig:
     microbatches: int = 8
     chunks: int | None = None
     balance: str = "params"
-    checkpoint: str = "never"
+    recompute: str = "never"  # activation recomputation (Pipeline's ``recompute``)
     precision: str = "fp32"
     layers: int = 4
     d_model: int = 128
@@ -89,8 +89,8 @@ class TrainConfig:
             seed=self.seed,
         )
 
-    def parallel_layout(self) -> Layout:
-        return Layout(dp=self.dp, pp=self.workers, tp=self.tp)
+    def grid(self) -> Grid:
+        return Grid(dp=self.dp, pp=self.workers, tp=self.tp)
 
     def layout(self) -> dict[str, Any]:
         """The fields a resumed run must share with the saved one."""
@@ -111,6 +111,23 @@ class TrainConfig:
             "balance",
         )
         return {k: getattr(self, k) for k in keys}
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """Read a run's ``config.json`` (runs saved before ``recompute`` had its name included)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} holds no run: {path} is missing")
+    saved = json.loads(path.read_text())
+    if "checkpoint" in saved:
+        saved["recompute"] = saved.pop("checkpoint")
+    return TrainConfig(**saved)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ValueError if the model's sizes or the layout cannot run; no process needed."""
+    gpt = cfg.gpt()
+    check_grid(cfg.grid(), None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
 
 
 def parse_balance(text: str) -> str | list[int]:
@@ -155,7 +172,7 @@ def global_grad_norm(pipe: Pipeline, groups: Groups) -> float:
 class Groups:
     """This rank's place in the (dp, pp, tp) grid and the process groups along each axis."""
 
-    layout: Layout
+    layout: Grid
     rank: int
     dp_rank: int
     dp: dist.ProcessGroup | None
@@ -165,16 +182,16 @@ class Groups:
 
 
 def _setup(cfg: TrainConfig) -> Groups:
-    layout = cfg.parallel_layout()
+    layout = cfg.grid()
     gpt = cfg.gpt()
-    check_layout(layout, None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
+    check_grid(layout, None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
     if not dist.is_initialized():
         from datetime import timedelta
 
         backend = "nccl" if cfg.device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
-    check_layout(layout, world, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
+    check_grid(layout, world, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
     if cfg.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     cores = os.cpu_count() or 1
@@ -208,7 +225,7 @@ def _build_pipeline(cfg: TrainConfig, groups: Groups) -> Pipeline:
         microbatches=cfg.microbatches,
         loss_fn=loss_fn,
         balance=parse_balance(cfg.balance),
-        checkpoint=cfg.checkpoint,
+        checkpoint=cfg.recompute,
         chunks=cfg.chunks,
         tied=tied_parameter_names(gpt),
         device=device,
@@ -389,7 +406,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         twin = simulated_twin(measured, pipe.schedule)
         if rank == 0:
             write_pictures(run_dir, measured, twin)
-    write_summary(run_dir, str(cfg.parallel_layout()), record, trainer.pipe)
+    write_summary(run_dir, str(cfg.grid()), record, trainer.pipe)
     return record
 
 
@@ -409,13 +426,13 @@ def describe_prediction(prediction: dict[str, Any]) -> str:
 
 
 def _layout_label(cfg: TrainConfig) -> str:
-    layout = cfg.parallel_layout()
+    layout = cfg.grid()
     if layout.world == layout.pp:
         return f"{layout.pp} workers {cfg.schedule}"
     return f"dp{layout.dp} pp{layout.pp} tp{layout.tp} {cfg.schedule}"
 
 
-def main_worker(cfg: TrainConfig, resume: bool) -> int:
+def train_worker(cfg: TrainConfig, resume: bool) -> int:
     """Entry point on one rank: train, and turn a lost peer into a one-line error."""
     try:
         train(cfg, resume)

@@ -1,0 +1,24 @@
+"""``layerwise diagnose``: explain where a finished run's time went, and what to change."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``diagnose`` on the ``layerwise`` command."""
+    d = sub.add_parser("diagnose", help="explain where a finished run's time went")
+    d.add_argument("run_dir")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerwise.job.diagnose import diagnose, render
+
+    report = diagnose(Path(args.run_dir))
+    print(json.dumps(report) if args.json else render(report))
+    return 0

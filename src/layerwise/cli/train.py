@@ -1,0 +1,123 @@
+"""``layerwise train``: check the flags, write the run's config, start the workers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from layerwise.job.launcher import relaunch, under_torchrun
+from layerwise.parallel.mesh import describe_mesh
+
+FLAGS: dict[str, tuple[type, str]] = {
+    "workers": (int, "pipeline workers, one or more stages each (the pp degree; same as --pp)"),
+    "dp": (int, "data-parallel replicas of the pipeline"),
+    "tp": (int, "tensor-parallel workers per stage (split heads and MLP)"),
+    "zero": (int, "1: shard optimizer state across the data-parallel replicas (ZeRO-1)"),
+    "schedule": (str, "naive | gpipe | 1f1b | interleaved-1f1b | zb-h1"),
+    "microbatches": (int, "micro-batches per step"),
+    "chunks": (int, "stages per worker for interleaved-1f1b"),
+    "balance": (str, "uniform | params | time | memory | sizes such as 2,2,1,1"),
+    "recompute": (str, "activation recomputation: never | always | except_last"),
+    "precision": (str, "fp32 | bf16"),
+    "layers": (int, "transformer blocks"),
+    "d_model": (int, "model width"),
+    "heads": (int, "attention heads"),
+    "seq_len": (int, "tokens per sequence"),
+    "batch_size": (int, "sequences per step"),
+    "steps": (int, "total steps of the run (also after --resume)"),
+    "lr": (float, "peak learning rate"),
+    "seed": (int, "seed for weights and batches"),
+    "device": (str, "cpu | cuda"),
+    "data": (str, "text file or folder (default: this Python's standard library source)"),
+    "eval_interval": (int, "steps between validation losses"),
+    "save_interval": (int, "steps between checkpoints"),
+    "timeout": (float, "seconds any worker waits for a peer before failing"),
+}
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``train`` on the ``layerwise`` command."""
+    from layerwise.job.train import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a GPT decoder split layer-wise over workers",
+        description="Train a transformer decoder layer-wise across worker processes.",
+    )
+    for name, (kind, text) in FLAGS.items():
+        default = getattr(defaults, name)
+        flags = ["--" + name.replace("_", "-")]
+        if name == "recompute":  # the flag's first name, kept for existing scripts
+            flags.append("--checkpoint")
+        p.add_argument(*flags, dest=name, type=kind, default=None,
+                       help=f"{text} (default: {default})")  # fmt: skip
+    p.add_argument("--pp", dest="workers", type=int, help="pipeline degree (same as --workers)")
+    p.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        default=None,
+        help="share the token embedding with the output head",
+    )
+    p.add_argument("--run-dir", help="where the run is written (default: runs/<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Return (the run's TrainConfig, whether it resumes a saved run); bad sizes and layouts
+    raise ValueError here, before any process starts."""
+    from layerwise.job.train import TrainConfig, check_config, load_config
+
+    given = {
+        k: getattr(args, k) for k in [*FLAGS, "tie_embeddings"] if getattr(args, k) is not None
+    }
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir)
+        changed = {k: v for k, v in given.items() if k in cfg.layout() and cfg.layout()[k] != v}
+        if changed:
+            raise ValueError(
+                f"cannot resume {run_dir} with a different layout: {changed} vs saved "
+                f"{ {k: cfg.layout()[k] for k in changed} }; resume on the same layout"
+            )
+        return dataclasses.replace(cfg, **given, run_dir=str(run_dir)), True
+    cfg = TrainConfig(**given)
+    check_config(cfg)
+    cfg.run_dir = args.run_dir or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+    return cfg, False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the job: under torchrun this process is a worker; otherwise start the workers."""
+    from layerwise.job.train import train_worker
+
+    cfg, resume = config_from_args(args)
+    run_dir = Path(cfg.run_dir)
+    if under_torchrun():
+        if not args.run_dir and not resume:  # every rank must agree on the directory
+            cfg.run_dir = f"runs/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+        resume = resume and (Path(cfg.run_dir) / "checkpoints" / "latest.json").exists()
+        return train_worker(cfg, resume=resume)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    layout = cfg.grid()
+    print(
+        f"layerwise train: {layout}, schedule {cfg.schedule}, "
+        f"{cfg.microbatches} micro-batches; run directory {run_dir}",
+        flush=True,
+    )
+    if layout.world > layout.pp:
+        print(describe_mesh(layout), flush=True)
+    # workers read everything from config.json: one source of truth for every rank
+    resume = resume and (run_dir / "checkpoints" / "latest.json").exists()
+    return relaunch(layout.world, ["train", str(run_dir), *(["--resume"] if resume else [])])
