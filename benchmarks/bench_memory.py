@@ -144,7 +144,7 @@ def worker(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
     results = []
     for schedule, ckpt in args["configs"]:
         layers = [wide_layer(d, hidden) for _ in range(world)]
-        pipe = lw.Pipeline(layers, schedule=schedule, microbatches=m, loss_fn=mse, checkpoint=ckpt)
+        pipe = lw.Pipeline(layers, schedule=schedule, microbatches=m, loss_fn=mse, recompute=ckpt)
         saved, rss, depth = [], [], []
         for i in range(args["warmup"] + args["steps"]):
             pipe.zero_grad()
@@ -209,7 +209,7 @@ def main() -> None:
     rows_saved, rows_rss = [], []
     for (schedule, ckpt), rs in by_cfg.items():
         rs.sort(key=lambda r: r["worker"])
-        label = f"{schedule}, checkpoint={ckpt}"
+        label = f"{schedule}, recompute={ckpt}"
         rows_saved.append(
             [label]
             + [f"{r['saved_peak_bytes'] / MiB:.1f} ({r['saved_peak_bytes'] / act:.2f})" for r in rs]

@@ -61,7 +61,7 @@ def test_a_stashed_stage_input_is_not_reused_before_its_backward() -> None:
     x.normal_()
     ptr = x.untyped_storage().data_ptr()
     expected_in = x.clone()
-    out, _ = stage.forward_step(0, x, None, checkpoint=False, capture=False)
+    out, _ = stage.forward_step(0, x, None, recompute=False, capture=False)
     del x
     pool.reclaim()
     other = pool.take(META)
@@ -93,8 +93,8 @@ def test_first_stage_inputs_get_no_gradient() -> None:
     first = Stage(0, 0, [torch.nn.Linear(8, 8)])
     second = Stage(1, 1, [torch.nn.Linear(8, 8)])
     x = torch.randn(4, 8)
-    out0, _ = first.forward_step(0, x, None, checkpoint=False, capture=False)
-    out1, _ = second.forward_step(0, out0, None, checkpoint=False, capture=False)
+    out0, _ = first.forward_step(0, x, None, recompute=False, capture=False)
+    out1, _ = second.forward_step(0, out0, None, recompute=False, capture=False)
     assert first.backward_step(0, [torch.ones_like(out0)], None) == []
     assert len(second.backward_step(0, [torch.ones_like(out1)], None)) == 1
     assert x.grad is None
@@ -102,7 +102,7 @@ def test_first_stage_inputs_get_no_gradient() -> None:
 
 def test_first_stage_without_parameters_has_nothing_to_back_propagate() -> None:
     stage = Stage(0, 0, [torch.nn.ReLU()])
-    out, _ = stage.forward_step(0, torch.randn(2, 3), None, checkpoint=False, capture=False)
+    out, _ = stage.forward_step(0, torch.randn(2, 3), None, recompute=False, capture=False)
     assert not out.requires_grad
     assert stage.backward_step(0, [torch.ones_like(out)], None) == []
     assert 0 not in stage.stash
@@ -127,7 +127,7 @@ def test_no_tensor_waits_for_the_garbage_collector() -> None:
                     schedule=schedule,
                     microbatches=4,
                     loss_fn=torch.nn.functional.mse_loss,
-                    checkpoint=ckpt,
+                    recompute=ckpt,
                 )
                 gc.collect()
                 gc.set_debug(gc.DEBUG_SAVEALL)

@@ -81,7 +81,7 @@ def test_single_worker_without_process_group() -> None:
                     schedule=schedule,
                     microbatches=m,
                     loss_fn=w.mse,
-                    checkpoint=ckpt,
+                    recompute=ckpt,
                 )
                 loss = pipe.train_step(x, y)
                 assert w.compare(pipe, loss, ref_loss, ref_grads) == [], (schedule, m, ckpt)
@@ -95,11 +95,11 @@ def test_calibrate_on_one_worker_restores_the_pipeline() -> None:
     for schedule in ("1f1b", "zb-h1", "interleaved-1f1b"):
         for ckpt in ("never", "except_last"):
             pipe = lw.Pipeline(
-                w.mlp_layers(), schedule=schedule, microbatches=4, loss_fn=w.mse, checkpoint=ckpt
+                w.mlp_layers(), schedule=schedule, microbatches=4, loss_fn=w.mse, recompute=ckpt
             )
             sched = pipe.schedule
             costs = pipe.calibrate(x, y, steps=1)
-            assert pipe.schedule is sched and pipe.checkpoint == ckpt
+            assert pipe.schedule is sched and pipe.recompute == ckpt
             assert len(costs.forward) == sched.num_stages and costs.comm_latency == 0.0
             assert all(p.grad is None for p in pipe.parameters())
             loss = pipe.train_step(x, y)
@@ -172,8 +172,11 @@ def test_shape_mismatch_names_both_stages() -> None:
 def test_bad_configuration_errors() -> None:
     with pytest.raises(ValueError, match="2 layers cannot fill 4 stages"):
         lw.Pipeline([nn.Linear(2, 2)] * 2, schedule="interleaved-1f1b", chunks=4, microbatches=1)
-    with pytest.raises(ValueError, match="checkpoint must be one of"):
-        lw.Pipeline([nn.Linear(2, 2)], checkpoint="sometimes")
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        lw.Pipeline([nn.Linear(2, 2)], recompute="sometimes")
+    with pytest.warns(DeprecationWarning, match="now Pipeline\\(recompute"):
+        old_name = lw.Pipeline([nn.Linear(2, 2)], checkpoint="always")  # the former name works
+    assert old_name.recompute == old_name.checkpoint == "always"
     pipe = lw.Pipeline([nn.Linear(2, 2)], microbatches=4, loss_fn=w.mse)
     with pytest.raises(ValueError, match="needs the inputs"):
         pipe.train_step(None, torch.randn(4, 2))

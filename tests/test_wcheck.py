@@ -91,7 +91,7 @@ def test_zero_bubble_stays_exact_where_w_cannot_split(make: type, checkpoint: st
     layers = [make(), nn.Linear(4, 4)]
     expected_loss, expected = reference_grads(layers, x, y)
     pipe = lw.Pipeline(layers, schedule="zb-h1", microbatches=2, loss_fn=F.mse_loss,
-                       checkpoint=checkpoint)  # fmt: skip
+                       recompute=checkpoint)  # fmt: skip
     with pytest.warns(UserWarning, match=r"stage 0 .* not split .* gradients stay exact"):
         loss = pipe.train_step(x, y)
     assert pipe.stages[0].split_safe is False

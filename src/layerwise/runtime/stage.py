@@ -9,7 +9,7 @@ backward drops it. Three ways to run a backward:
   W later turns those into parameter gradients, module by module, from the retained graph.
   (Correct as long as a parameter is used only by the modules that register it.)
 
-With checkpointing, the forward runs without a graph and keeps only its inputs and RNG
+With recomputation, the forward runs without a graph and keeps only its inputs and RNG
 state; the first backward action recomputes the forward with the same random numbers.
 """
 
@@ -173,11 +173,11 @@ class Stage(nn.Module):
         return stash
 
     def forward_step(
-        self, mb: int, value: Any, head: LossHead | None, checkpoint: bool, capture: bool
+        self, mb: int, value: Any, head: LossHead | None, recompute: bool, capture: bool
     ) -> tuple[Any, torch.Tensor | None]:
         """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward."""
         inputs = _prepare_inputs(value, grad=self.index > 0)
-        if checkpoint:
+        if recompute:
             rng = torch.get_rng_state()
             with torch.no_grad():
                 output = self.run(inputs)
@@ -190,7 +190,7 @@ class Stage(nn.Module):
 
     def _materialize(self, mb: int, head: LossHead | None, capture: bool) -> Stash:
         stash = self.stash[mb]
-        if stash.rng_state is not None:  # checkpointed: recompute with the forward's RNG
+        if stash.rng_state is not None:  # recomputed: run again with the forward's RNG
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(stash.rng_state)
                 stash = self._forward_graph(mb, stash.inputs, head, capture)

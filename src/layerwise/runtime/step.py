@@ -1,4 +1,4 @@
-"""One training step's bookkeeping: cutting the batch, what is in flight, stage failures."""
+"""One run's bookkeeping: cutting the batch, what is in flight, stage failures."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Step:
     inputs: list[Any] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, Any] = field(default_factory=dict)  # forward only: the last stage's
     local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
     posted: dict[Action, PendingRecv] = field(default_factory=dict)  # receives already posted
     sent: dict[tuple[int, int], list[TensorMeta]] = field(default_factory=dict)  # grads to expect

@@ -1,12 +1,12 @@
-"""Point-to-point transport between pipeline workers over torch.distributed.
+"""What every transport between pipeline workers does, over torch.distributed.
 
-Activations go forward (stage s -> s+1) and gradients back (s+1 -> s). Every message has a
-tag derived from (stage, direction, micro-batch), so receives can be posted early and in
-any order (gloo matches by tag). Every wait has a timeout; a peer that dies or stalls
-raises :class:`PeerError` naming the peer.
-
-NCCL ignores tags, so there every stream (one stage boundary, one direction) gets a process
-group of its own, where messages match in order (:func:`open_channels`).
+Activations go forward (stage s -> s+1) and gradients back (s+1 -> s). Every wait has a
+timeout; a peer that dies or stalls raises :class:`PeerError` naming the peer. How a message
+finds its receive is the one thing that differs between transports, and each way is its own
+subclass: :class:`~layerwise.runtime.transport.tags.TagTransport` (gloo matches every
+message by its tag) and :class:`~layerwise.runtime.transport.channels.ChannelTransport`
+(one process group per stream, where messages match in order, as NCCL needs). A subclass
+supplies the group and the tag of each message, and says which schedules it can carry.
 
 Metadata (structure, shapes, dtypes) of an activation travels once per *shape signature*
 (the shapes of the micro-batch's inputs, which every worker learns at the start of a step)
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from layerwise.runtime.buffers import BufferPool, pool_supported
 from layerwise.runtime.tree import TensorMeta, flatten, unflatten
+from layerwise.schedules import Schedule
 
 
 class PeerError(RuntimeError):
@@ -52,41 +53,13 @@ class PendingRecv:
     what: str
 
 
-def open_channels(
-    stage_worker: Sequence[int], worker: int, pipeline_ranks: Sequence[int]
-) -> dict[tuple[int, int], dist.ProcessGroup]:
-    """Give each stream of messages (one stage boundary, one direction) its own process group.
-
-    NCCL ignores tags: between two ranks, messages match in the order they are posted. Two
-    workers may exchange several streams at once (with several stages per worker, more than
-    one boundary joins them), and each worker posts them in the order of its own action
-    list, which differ. Inside one stream both sides go in micro-batch order (see
-    ``schedules.stream_order_problems``), so one group per stream makes order-matching exact.
-
-    Collective over the whole job (the default group): every rank calls it while building
-    its pipeline, as when all ranks build their pipelines together. Two-rank groups for the
-    same pair of ranks cannot be created by their members alone (PyTorch names such groups by
-    their ranks), so every rank creates every pipeline's groups, in one agreed order.
-    """
-    mine = (tuple(pipeline_ranks), tuple(stage_worker))
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    channels: dict[tuple[int, int], dist.ProcessGroup] = {}
-    for ranks, workers in sorted(set(everyone)):
-        for s in range(len(workers) - 1):
-            a, b = workers[s], workers[s + 1]
-            if a == b:
-                continue
-            for key in ((s, ACT), (s + 1, GRAD)):  # keyed by the sending stage
-                group = dist.new_group(sorted({ranks[a], ranks[b]}))
-                if (ranks, workers) == mine and worker in (a, b):
-                    assert group is not None
-                    channels[key] = group
-    return channels
-
-
 class Transport:
-    """Sends and receives tensor trees between the workers of one pipeline group."""
+    """Sends and receives tensor trees between the workers of one pipeline group.
+
+    Subclasses say how messages are matched: :meth:`_tag` and :meth:`_channel`, and which
+    schedules they can carry (:meth:`problems`)."""
+
+    name = "base"
 
     def __init__(
         self,
@@ -97,7 +70,6 @@ class Transport:
         timeout_s: float,
         num_stages: int,
         on_wait: Callable[[float, float], None] | None = None,
-        channels: dict[tuple[int, int], dist.ProcessGroup] | None = None,
     ) -> None:
         self.worker = worker
         self.num_workers = num_workers
@@ -109,8 +81,31 @@ class Transport:
         self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta]]] = {}
         self.pending_sends: list[tuple[Any, list[torch.Tensor], int, str]] = []
         self.pool = BufferPool() if pool_supported(device) else None
-        # (sending stage, ACT or GRAD) -> a two-rank group of its own; see open_channels
-        self.channels = channels or {}
+
+    @classmethod
+    def problems(cls, schedule: Schedule) -> list[str]:
+        """Why this transport cannot carry ``schedule``; empty if it can."""
+        return []
+
+    @classmethod
+    def open(
+        cls,
+        schedule: Schedule,
+        worker: int,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        timeout_s: float,
+        on_wait: Callable[[float, float], None] | None = None,
+    ) -> Transport:
+        """Check that this transport can carry ``schedule`` and set it up for ``worker``.
+
+        Collective over the group when a subclass needs set-up (process groups)."""
+        problems = cls.problems(schedule)
+        if problems:
+            raise ValueError(f"the {cls.name} transport cannot carry this schedule: "
+                             + "; ".join(problems))  # fmt: skip
+        return cls(worker, schedule.num_workers, group, device, timeout_s,
+                   schedule.num_stages, on_wait)  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -120,13 +115,12 @@ class Transport:
         return dist.get_global_rank(self.group, worker)
 
     def _tag(self, stage: int, kind: int, microbatch: int, index: int = 0) -> int:
-        # one tag per tensor, so that nothing relies on the order in which messages match;
-        # with channels, order is all there is (as on NCCL), also when gloo carries them
-        if self.channels:
-            return 0
-        if index >= MAX_TENSORS:
-            raise ValueError(f"a stage may pass at most {MAX_TENSORS} tensors to the next one")
-        return ((microbatch * self.num_stages + stage) * 3 + kind) * MAX_TENSORS + index
+        """The tag of one tensor of one message (kind ACT, GRAD or META)."""
+        raise NotImplementedError
+
+    def _channel(self, stage: int, kind: int) -> dist.ProcessGroup | None:
+        """The process group that carries messages sent by ``stage`` of ``kind``."""
+        return self.group
 
     def report_failure(self, message: str) -> str:
         """Record the first failure of the job in the rendezvous store; return the first one.
@@ -169,11 +163,6 @@ class Transport:
             )
         if self.on_wait is not None:
             self.on_wait(t0, time.perf_counter())
-
-    def _channel(self, stage: int, kind: int) -> dist.ProcessGroup | None:
-        """The group that carries messages sent by ``stage`` of ``kind`` (metadata travels
-        with the activations it describes, so it stays in their order)."""
-        return self.channels.get((stage, ACT if kind == META else kind), self.group)
 
     def _isend(
         self, tensor: torch.Tensor, peer: int, stage: int, kind: int, mb: int, index: int

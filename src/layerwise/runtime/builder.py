@@ -1,0 +1,213 @@
+"""Building one worker's share of a pipeline: schedule, partition, stages, ties, transport.
+
+Nothing here runs a step; :mod:`layerwise.runtime.executor` does. Every rank of the
+pipeline group builds with the same arguments, and each keeps only the stages the schedule
+places on it: layers given as factories or on the ``meta`` device are built here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from layerwise.partition import Partition
+from layerwise.profile import Balance, LayerSpec, build_layer, is_meta, materialize, resolve_balance
+from layerwise.runtime.stage import Stage
+from layerwise.runtime.ties import Tie
+from layerwise.runtime.transport import Transport, transport_class
+from layerwise.schedules import Schedule, generate, validate
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
+
+
+@dataclass
+class Built:
+    """What one worker holds of a pipeline, and where it sits in the group."""
+
+    schedule: Schedule
+    partition: Partition
+    stages: dict[int, Stage]  # stage index -> this worker's stage
+    ties: list[Tie]
+    transport: Transport
+    group: dist.ProcessGroup | None
+    worker: int
+    device: torch.device
+
+    @property
+    def num_workers(self) -> int:
+        return self.schedule.num_workers
+
+    def global_rank(self, worker: int) -> int:
+        """The global rank of pipeline worker ``worker``."""
+        return dist.get_global_rank(self.group, worker) if self.group is not None else worker
+
+
+def group_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(this process's worker index, number of workers) in ``group``; (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def make_schedule(
+    schedule: str | Schedule, num_workers: int, microbatches: int, chunks: int | None
+) -> Schedule:
+    """The named schedule for this group (chunks from the registry when None), or the given
+    one, checked against the group's size."""
+    if isinstance(schedule, Schedule):
+        validate(schedule)
+        if schedule.num_workers != num_workers:
+            raise ValueError(
+                f"schedule is for {schedule.num_workers} workers but the group has {num_workers}"
+            )
+        return schedule
+    chunks = chunks or (2 if schedule.startswith("interleaved") else 1)  # TEMP
+    return generate(schedule, num_workers, microbatches, chunks)
+
+
+def make_partition(
+    specs: list[LayerSpec],
+    schedule: Schedule,
+    balance: Balance,
+    sample: Any,
+    group: dist.ProcessGroup | None,
+) -> Partition:
+    """Split the layers into the schedule's stages; measured balances follow worker 0."""
+    num_stages = schedule.num_stages
+    if num_stages > len(specs):
+        raise ValueError(
+            f"{len(specs)} layers cannot fill {num_stages} stages ({schedule.num_workers} "
+            f"workers x {schedule.chunks} chunks): use at most {len(specs)} stages"
+        )
+    part = resolve_balance(specs, num_stages, balance, sample)
+    if isinstance(balance, str) and balance in ("time", "memory") and schedule.num_workers > 1:
+        # measurements differ between processes: everyone takes worker 0's partition
+        sizes: list[Any] = [part.sizes]
+        first = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(sizes, src=first, group=group)
+        part = Partition.from_sizes(sizes[0], len(specs))
+    return part
+
+
+def build_stage(
+    index: int,
+    partition: Partition,
+    specs: list[LayerSpec],
+    seed: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    parallelize: Callable[[int, nn.Module], nn.Module] | None,
+) -> Stage:
+    """Build (or take) the layers of stage ``index`` on ``device``."""
+    r = partition.ranges[index]
+    built = []
+    for i in r:
+        spec = specs[i]
+        if isinstance(spec, nn.Module) and not is_meta(spec):
+            module = spec  # given built: keep its weights exactly
+        else:
+            # seeded per layer, so weights do not depend on how many workers there are
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + i)
+                module = build_layer(spec)
+                if is_meta(module):
+                    module = materialize(module, device)
+        module = module.to(device)
+        if parallelize is not None:
+            module = parallelize(i, module)
+        built.append(module)
+    return Stage(index, r.start, built, amp_dtype)
+
+
+def _layer(stages: dict[int, Stage], partition: Partition, index: int) -> nn.Module | None:
+    stage = stages.get(partition.stage_of(index))
+    return None if stage is None else stage.layers[index - stage.first_layer]
+
+
+def _param(stages: dict[int, Stage], part: Partition, layer: int, name: str) -> nn.Parameter | None:
+    module = _layer(stages, part, layer)
+    return None if module is None else module.get_parameter(name)
+
+
+def _set_param(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, attr, param)
+
+
+def setup_ties(
+    tied: Sequence[TiedSpec],
+    schedule: Schedule,
+    partition: Partition,
+    stages: dict[int, Stage],
+    worker: int,
+    group: dist.ProcessGroup | None,
+    global_rank: Callable[[int], int],
+) -> list[Tie]:
+    """Share tied parameters: one object when both layers live here, else a Tie with the
+    peer worker. Ties talk point to point inside the pipeline group, so no extra process
+    group is needed and pipelines inside a larger mesh stay independent."""
+    ties = []
+    for layer_a, name_a, layer_b, name_b in tied:
+        wa, wb = (schedule.stage_worker[partition.stage_of(x)] for x in (layer_a, layer_b))
+        pa = _param(stages, partition, layer_a, name_a)
+        pb = _param(stages, partition, layer_b, name_b)
+        if wa == wb:
+            if pa is not None and pb is not None:  # one Parameter object serves both layers
+                module_b = _layer(stages, partition, layer_b)
+                assert module_b is not None
+                _set_param(module_b, name_b, pa)
+            continue
+        mine = pa if pa is not None else pb
+        if mine is None:
+            continue
+        peer = wb if worker == wa else wa
+        tie = Tie(mine, global_rank(peer), leader=worker == min(wa, wb))
+        tie.sync_values(group)
+        ties.append(tie)
+    return ties
+
+
+def build(
+    layers: Sequence[LayerSpec] | nn.Sequential,
+    *,
+    schedule: str | Schedule,
+    microbatches: int,
+    chunks: int | None,
+    balance: Balance,
+    sample: Any,
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    seed: int,
+    precision: str,
+    parallelize: Callable[[int, nn.Module], nn.Module] | None,
+    tied: Sequence[TiedSpec],
+    p2p: str,
+    timeout: float,
+) -> Built:
+    """Build this worker's part of the pipeline (collective over ``group``)."""
+    specs: list[LayerSpec] = (
+        list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+    )
+    if not specs:
+        raise ValueError("a pipeline needs at least one layer")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    worker, num_workers = group_position(group)
+    sched = make_schedule(schedule, num_workers, microbatches, chunks)
+    transport_cls = transport_class(p2p, group)  # bad p2p fails before anything is built
+    part = make_partition(specs, sched, balance, sample, group)
+    stages = {
+        s: build_stage(s, part, specs, seed, device, PRECISIONS[precision], parallelize)
+        for s in sched.stages_of(worker)
+    }
+    transport = transport_cls.open(sched, worker, group, device, timeout)
+    ties = setup_ties(tied, sched, part, stages, worker, group, transport.global_rank)
+    return Built(sched, part, stages, ties, transport, group, worker, device)

@@ -1,0 +1,315 @@
+"""The one loop that runs any schedule on this worker's stages.
+
+A training step, forward-only inference, evaluation and calibration are all schedules
+(``schedules.forward_only`` and ``schedules.sequential`` derive the last two kinds from the
+pipeline's own), and this loop interprets every one of them the same way: for each action of
+this worker, post the receives it and the next few need, compute, send. What differs between
+them is passed in as a :class:`Run`, never stored on the pipeline and swapped back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwise.runtime.builder import Built
+from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
+from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
+from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
+from layerwise.schedules import Action, Schedule, dependencies
+from layerwise.timeline import Event, Timeline
+
+RECOMPUTE_MODES = ("never", "always", "except_last")
+LOOKAHEAD = 2  # receives posted this many actions ahead of need
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def forward_only(like: Schedule) -> Schedule:
+    """``like``'s forwards alone, in the same order on the same workers: inference."""
+    actions = tuple(tuple(a for a in acts if a.kind == "F") for acts in like.actions)
+    return Schedule(f"{like.name} forward", like.num_microbatches, like.stage_worker, actions)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one pass of the loop does: which schedule, and how.
+
+    A schedule with backward actions trains (gradients accumulate, the loss comes back on
+    every worker); a forward-only one returns the last stage's outputs on its worker."""
+
+    schedule: Schedule
+    loss_fn: LossFn | None = None
+    recompute: str = "never"  # never | always | except_last: forwards recomputed in backward
+    grad_reducer: Any = None  # stage_done(stage) after a stage's last backward; finish()
+
+    @property
+    def trains(self) -> bool:
+        return any(a.kind != "F" for acts in self.schedule.actions for a in acts)
+
+
+class Executor:
+    """Runs schedules over one worker's :class:`Built` pipeline; keeps the last run's events."""
+
+    def __init__(self, built: Built) -> None:
+        self.built = built
+        self.transport = built.transport
+        self.transport.on_wait = self._record_wait
+        self.events: list[Event] = []
+        self.last_schedule: Schedule = built.schedule
+        self._last_plan: list[Any] | None = None  # the micro-batches' shapes of the last run
+
+    # -- who holds what -----------------------------------------------------------------------
+
+    def holds_first(self, schedule: Schedule) -> bool:
+        return schedule.stage_worker[0] == self.built.worker
+
+    def holds_last(self, schedule: Schedule) -> bool:
+        return schedule.stage_worker[-1] == self.built.worker
+
+    # -- one run ------------------------------------------------------------------------------
+
+    def run(self, run: Run, inputs: Any = None, targets: Any = None) -> Any:
+        """Walk this worker's action list once. Training: return the batch's mean loss on
+        every worker. Forward only: return the concatenated output on the last stage's
+        worker, None elsewhere."""
+        try:
+            return self._run(run, inputs, targets)
+        except StageError as err:
+            self.transport.report_failure(str(err))
+            raise
+
+    def _run(self, run: Run, inputs: Any, targets: Any) -> Any:
+        sched, stages = run.schedule, self.built.stages
+        st = self._start(run, inputs, targets)
+        acts = sched.actions[self.built.worker]
+        # where each stage's gradients become final: its last B or W of the step
+        grads_final = {a.stage: pos for pos, a in enumerate(acts) if a.kind in ("B", "W")}
+        for pos, a in enumerate(acts):
+            # post receives for this action and the next few, so data flows while we compute
+            for k, ahead in enumerate(acts[pos : pos + 1 + LOOKAHEAD]):
+                if not self._post(sched, ahead, st, now=k == 0):
+                    break  # later receives wait, so each stream is posted in order
+            if a.kind == "F":
+                self._forward(run, a, st)
+            elif a.kind in ("B", "I"):
+                self._backward(run, a, st)
+            else:
+                t0 = time.perf_counter()
+                stages[a.stage].weight_grad_step(a.microbatch)
+                self._event(t0, a)
+            if run.grad_reducer is not None and grads_final.get(a.stage) == pos:
+                run.grad_reducer.stage_done(stages[a.stage])
+            self.transport.reap_sends()
+        self.transport.reap_sends(block=True)
+        self.transport.end_step()
+        if not run.trains:
+            return self._outputs(st) if self.holds_last(sched) else None
+        if run.grad_reducer is not None:
+            run.grad_reducer.finish()
+        for tie in self.built.ties:
+            tie.sum_grads(self.built.group)
+        total = (
+            float(sum(v.double() for v in st.losses.values())) if self.holds_last(sched) else 0.0
+        )
+        return self.from_last(sched, total, LOSS_TAG, "the loss")
+
+    def _start(self, run: Run, inputs: Any, targets: Any) -> Step:
+        """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
+        sched, worker = run.schedule, self.built.worker
+        m = sched.num_microbatches
+        if run.trains and run.loss_fn is None:
+            raise ValueError("a training step needs a loss_fn")
+        if run.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {run.recompute!r}")
+        micro_batches: list[Any] = [None] * m
+        if self.holds_first(sched):
+            if inputs is None:
+                raise ValueError(f"worker {worker} holds the first stage and needs the inputs")
+            micro_batches = split_batch(inputs, m)
+        plan = self._share_plan(sched, micro_batches)
+        st = Step(plan=plan, rows=[r for r, _ in plan], inputs=micro_batches)
+        if run.trains and self.holds_last(sched):
+            if targets is None:
+                raise ValueError(f"worker {worker} holds the last stage and needs the targets")
+            st.targets = split_batch(targets, m)
+            got = [flatten(t)[0][0].shape[0] for t in st.targets]
+            if got != st.rows:
+                raise ValueError(
+                    f"targets split into micro-batches of {got} rows, inputs into {st.rows}"
+                )
+        self.events = []
+        self.last_schedule = sched
+        return st
+
+    def _share_plan(self, sched: Schedule, micro_batches: list[Any]) -> list[Any]:
+        """Tell every worker the shape signature of each micro-batch (first worker knows).
+
+        Shapes rarely change between steps, so the first worker sends one number saying
+        whether they did (point to point: it does not wait for the others to receive it) and
+        broadcasts the pickled plan only when they did."""
+        plan: list[Any] | None = None
+        if self.holds_first(sched):
+            plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in micro_batches]
+        if sched.num_workers > 1:
+            first = sched.stage_worker[0]
+            changed = self.from_last(
+                sched, float(plan != self._last_plan), PLAN_TAG, "the step's shapes", src=first
+            )
+            if changed:
+                box = [plan]
+                dist.broadcast_object_list(
+                    box, src=self.built.global_rank(first), group=self.built.group
+                )
+                plan = box[0]
+            else:
+                plan = self._last_plan
+        assert plan is not None
+        self._last_plan = plan
+        return plan
+
+    def from_last(
+        self, sched: Schedule, number: float, tag: int, what: str, src: int | None = None
+    ) -> float:
+        """Return the number of the last stage's worker (or of ``src``) on every worker."""
+        if sched.num_workers == 1:
+            return number
+        owner = sched.stage_worker[-1] if src is None else src
+        return self.transport.share_number(number, owner, tag, what)
+
+    def _outputs(self, st: Step) -> Any:
+        parts = [st.outputs[i] for i in range(len(st.rows))]
+        first = flatten(parts[0])
+        cat = [torch.cat([flatten(p)[0][k] for p in parts]) for k in range(len(first[0]))]
+        return unflatten(cat, first[1])
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _head(
+        self, run: Run, stage: int, mb: int, st: Step
+    ) -> Callable[[Any], torch.Tensor] | None:
+        """The last stage's loss for micro-batch ``mb``, weighted by its share of the rows."""
+        if stage != run.schedule.num_stages - 1 or not run.trains:
+            return None
+        assert run.loss_fn is not None
+        loss_fn, target, weight = run.loss_fn, st.targets[mb], st.rows[mb] / sum(st.rows)
+        return lambda out: loss_fn(out, target) * weight
+
+    def _post(self, sched: Schedule, a: Action, st: Step, now: bool) -> bool:
+        """Post the receive that action ``a`` will need from another worker, if any.
+
+        Return False if that receive cannot be posted yet (so none after it may be)."""
+        worker = self.built.worker
+        # a backward whose forward has not sent yet (or sent to this same worker) has nothing
+        # to post now; a later one of its stream cannot have sent either, so order holds
+        if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
+            return True
+        remote = [
+            sched.stage_worker[d.stage]
+            for d in dependencies(a, sched)
+            if d.stage != a.stage and sched.stage_worker[d.stage] != worker
+        ]
+        if not remote:
+            return True
+        peer = remote[0]
+        if a.kind == "F":
+            shapes = st.plan[a.microbatch][1]
+            if not now and not self.transport.knows(a.stage - 1, shapes):
+                return False  # new shapes: metadata must be received in order, not ahead
+            st.posted[a] = self.transport.post_activation(a.stage - 1, a.microbatch, peer, shapes)
+        elif a.kind in ("B", "I"):
+            like = st.sent[(a.stage, a.microbatch)]
+            st.posted[a] = self.transport.post_gradient(like, a.stage + 1, a.microbatch, peer)
+        return True
+
+    def _forward(self, run: Run, a: Action, st: Step) -> None:
+        sched, s, mb = run.schedule, a.stage, a.microbatch
+        stage = self.built.stages[s]
+        if s == 0:
+            x = st.inputs[mb]
+        elif a in st.posted:
+            x = self.transport.complete(st.posted.pop(a))
+        else:
+            x = st.local.pop((s - 1, "F", mb))
+        m = sched.num_microbatches
+        recompute = run.recompute == "always" or (run.recompute == "except_last" and mb < m - 1)
+        t0 = time.perf_counter()
+        loss = None
+        try:
+            if run.trains:
+                out, loss = stage.forward_step(mb, x, self._head(run, s, mb, st), recompute,
+                                               capture=sched.splits_backward(s))  # fmt: skip
+            else:
+                with torch.no_grad():
+                    out = stage.run(x)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise StageError(describe_failure(stage, mb, x, s, err)) from err
+        t1 = time.perf_counter()
+        if loss is not None:
+            st.losses[mb] = loss.detach()
+        if s == sched.num_stages - 1:
+            if not run.trains:
+                st.outputs[mb] = out
+        elif sched.stage_worker[s + 1] == self.built.worker:
+            st.local[(s, "F", mb)] = out
+        else:
+            peer = sched.stage_worker[s + 1]
+            sent = self.transport.send_activation(out, s, mb, peer, st.plan[mb][1])
+            if run.trains:
+                st.sent[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
+                free_sent(out)
+        self.events.append(Event(self.built.worker, t0, t1, "F", s, mb))
+
+    def _backward(self, run: Run, a: Action, st: Step) -> None:
+        sched, s, mb = run.schedule, a.stage, a.microbatch
+        stage = self.built.stages[s]
+        grads = None
+        if s < sched.num_stages - 1:
+            if a in st.posted:
+                grads = self.transport.complete(st.posted.pop(a))
+            else:
+                grads = st.local.pop((s + 1, "B", mb))
+        t0 = time.perf_counter()
+        head = self._head(run, s, mb, st)  # a recomputed forward recomputes the loss too
+        if a.kind == "B":
+            in_grads = stage.backward_step(mb, grads, head)
+        else:
+            in_grads = stage.input_grad_step(mb, grads, head)
+        t1 = time.perf_counter()
+        if s > 0:
+            peer = sched.stage_worker[s - 1]
+            if peer == self.built.worker:
+                st.local[(s, "B", mb)] = in_grads
+            else:
+                self.transport.send_gradient(in_grads, s, mb, peer)
+        st.sent.pop((s, mb), None)
+        self.events.append(Event(self.built.worker, t0, t1, a.kind, s, mb))
+
+    # -- timeline -----------------------------------------------------------------------------
+
+    def _event(self, t0: float, a: Action) -> None:
+        self.events.append(
+            Event(self.built.worker, t0, time.perf_counter(), a.kind, a.stage, a.microbatch)
+        )
+
+    def _record_wait(self, t0: float, t1: float) -> None:
+        if t1 - t0 > 20e-6:  # ignore waits that found their data already there
+            self.events.append(Event(self.built.worker, t0, t1, "wait"))
+
+    def timeline(self) -> Timeline:
+        """Gather every worker's events of the last run into one measured Timeline.
+
+        Collective: call it on every rank. Times are relative to the earliest event."""
+        sched, events = self.last_schedule, list(self.events)
+        gathered: list[Any] = [events]
+        if sched.num_workers > 1:
+            gathered = [None] * sched.num_workers
+            dist.all_gather_object(gathered, events, group=self.built.group)
+        meta = {"schedule": sched.name, "microbatches": sched.num_microbatches,
+                "stages": sched.num_stages}  # fmt: skip
+        tl = Timeline(sched.num_workers, [e for evs in gathered for e in evs], "measured", meta)
+        return tl.shifted()
