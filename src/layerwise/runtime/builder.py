@@ -72,6 +72,48 @@ def make_schedule(
     return generate(schedule, num_workers, microbatches, chunks)
 
 
+def fingerprint(
+    schedule: Schedule, num_layers: int, balance: Balance, p2p: str, tied: Sequence[TiedSpec]
+) -> dict[str, Any]:
+    """What every worker of a pipeline must have built alike, by name."""
+    return {
+        "schedule": schedule.name,
+        "micro-batches": schedule.num_microbatches,
+        "stages": schedule.num_stages,
+        "placement of stages on workers": list(schedule.stage_worker),
+        "action lists": [" ".join(map(str, acts)) for acts in schedule.actions],
+        "layers": num_layers,
+        "balance": balance if isinstance(balance, str) else list(balance),
+        "transport": p2p,
+        "tied parameters": [list(t) for t in tied],
+    }
+
+
+def agree(mine: dict[str, Any], worker: int, group: dist.ProcessGroup | None) -> None:
+    """Fail on every worker at once, naming the difference, unless all built alike.
+
+    Without this, workers running different schedules wait for messages that never come
+    until the timeout. Collective over ``group``: one small gather when the pipeline is built.
+    """
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for other, theirs in enumerate(everyone):
+        diff = [key for key in mine if theirs.get(key) != everyone[0].get(key)]
+        if diff:
+            key = diff[0]
+            raise ValueError(
+                f"workers built different pipelines: worker 0 has {key} "
+                f"{_short(everyone[0][key])} but worker {other} has {_short(theirs[key])}"
+                + (f" (also different: {', '.join(diff[1:])})" if diff[1:] else "")
+                + "; every rank of a pipeline group must build it with the same arguments"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def make_partition(
     specs: list[LayerSpec],
     schedule: Schedule,
@@ -203,6 +245,8 @@ def build(
     worker, num_workers = group_position(group)
     sched = make_schedule(schedule, num_workers, microbatches, chunks)
     transport_cls = transport_class(p2p, group)  # bad p2p fails before anything is built
+    if num_workers > 1:  # before any other collective, which would hang on a mismatch
+        agree(fingerprint(sched, len(specs), balance, transport_cls.name, tied), worker, group)
     part = make_partition(specs, sched, balance, sample, group)
     stages = {
         s: build_stage(s, part, specs, seed, device, PRECISIONS[precision], parallelize)

@@ -62,6 +62,7 @@ class Executor:
         self.events: list[Event] = []
         self.last_schedule: Schedule = built.schedule
         self._last_plan: list[Any] | None = None  # the micro-batches' shapes of the last run
+        self.closed = False
 
     # -- who holds what -----------------------------------------------------------------------
 
@@ -122,6 +123,8 @@ class Executor:
         """Agree on the micro-batches' shapes and cut this worker's share of the batch."""
         sched, worker = run.schedule, self.built.worker
         m = sched.num_microbatches
+        if self.closed:
+            raise RuntimeError("this pipeline is closed; build a new one to run more steps")
         if run.trains and run.loss_fn is None:
             raise ValueError("a training step needs a loss_fn")
         if run.recompute not in RECOMPUTE_MODES:

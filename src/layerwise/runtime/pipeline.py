@@ -179,6 +179,29 @@ class Pipeline:
     def eval(self) -> Pipeline:
         return self.train(False)
 
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait until every message this worker sent has been taken (bounded by the timeout);
+        the pipeline cannot run afterwards. Closing twice does nothing."""
+        if self.executor.closed:
+            return
+        self.executor.closed = True
+        self.built.transport.close(wait=True)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # dropped without close(): keep the sends still in flight alive, never block here
+        executor = getattr(self, "executor", None)
+        if executor is not None and not executor.closed:
+            executor.closed = True
+            self.built.transport.close(wait=False)
+
     # -- running ------------------------------------------------------------------------------
 
     def _training_run(self) -> Run:

@@ -42,6 +42,17 @@ FAILURE_KEY = "layerwise/first_failure"
 PLAN_TAG, LOSS_TAG = 2**30 + 8, 2**30 + 9
 
 
+# Sends still in flight when their transport was dropped. A send's buffers and its work
+# object must live until the peer has received it (gloo may abandon a send whose work object
+# is freed), so a dropped transport leaves them here, and every transport reaps this list.
+_ORPHANED_SENDS: list[tuple[Any, list[torch.Tensor]]] = []
+
+
+def reap_orphaned_sends() -> None:
+    """Forget the orphaned sends that have completed."""
+    _ORPHANED_SENDS[:] = [(w, ts) for w, ts in _ORPHANED_SENDS if not w.is_completed()]
+
+
 @dataclass
 class PendingRecv:
     """Receive buffers posted before they are needed."""
@@ -241,6 +252,16 @@ class Transport:
         work = dist.irecv(value, src=self.global_rank(src), group=self.group, tag=tag)
         self._wait(work, src, what)
         return float(value.item())
+
+    def close(self, wait: bool = True) -> None:
+        """Finish this transport's sends: wait for each (bounded by the timeout), or, without
+        ``wait``, hand those still in flight to the module so that they are not lost."""
+        if wait:
+            self.reap_sends(block=True)
+        else:
+            _ORPHANED_SENDS.extend((w, ts) for w, ts, _, _ in self.pending_sends)
+            self.pending_sends = []
+        reap_orphaned_sends()
 
     def reap_sends(self, block: bool = False) -> None:
         """Drop finished sends (and their buffers); with ``block``, wait for all of them."""
