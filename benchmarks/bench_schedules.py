@@ -27,13 +27,13 @@ import torch
 import layerwise as lw
 from _common import SleepLayer, median, sleep_loss, table, timed_steps, write_json
 from layerwise.job.launcher import run_workers
+from layerwise.schedules import chunks_for, names
 from layerwise.simulate import measured_costs
-
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 
 
 def chunks_of(schedule: str) -> int:
-    return 2 if schedule == "interleaved-1f1b" else 1
+    """Return the stages per worker the schedule runs by default (its registry entry)."""
+    return chunks_for(schedule, None)
 
 
 def stage_costs(schedule: str, fwd_ms: float, bwd_ms: float) -> tuple[float, float]:
@@ -100,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", "-p", type=int, default=4)
     ap.add_argument("--microbatches", "-m", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    ap.add_argument("--schedules", nargs="+", default=list(names()), choices=names())
     ap.add_argument("--fwd-ms", type=float, default=10.0, help="forward per worker (ms)")
     ap.add_argument("--bwd-ms", type=float, default=20.0, help="backward per worker (ms)")
     ap.add_argument("--rows", type=int, default=2, help="rows per micro-batch")
@@ -138,7 +138,7 @@ def main() -> None:
         )
     print(
         f"p = {p} workers, F = {args.fwd_ms:g} ms, B = {args.bwd_ms:g} ms per worker "
-        f"(interleaved: half per chunk); median of {args.steps} steps after {args.warmup} "
+        f"(split over a worker's chunks); median of {args.steps} steps after {args.warmup} "
         f"warm-up\n"
     )
     print(

@@ -1,7 +1,7 @@
 """Speed of the pure parts at scale: generating, validating and simulating schedules.
 
 For each schedule at p workers and m micro-batches (default 64 x 512), times separately:
-the generator alone (``schedules.GENERATORS``; ``generate()`` also validates), the
+the generator alone (``ScheduleSpec.build``; ``generate()`` also validates), the
 validator (``validate``: structure check + deadlock-free execution order), ``simulate``
 with uniform costs, and the timeline metrics (makespan, bubble, peak in-flight of worker 0).
 Each is the median of ``--repeats`` runs in this process.
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import median, table, write_json
-from layerwise.schedules import GENERATORS, SCHEDULE_NAMES, Schedule, validate
+from layerwise.schedules import Schedule, chunks_for, get, names, validate
 from layerwise.simulate import Costs, simulate
 
 
@@ -31,16 +31,15 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def make(name: str, p: int, m: int) -> Schedule:
-    if name == "interleaved-1f1b":
-        return GENERATORS[name](p, m, 2)  # type: ignore[no-any-return]
-    return GENERATORS[name](p, m)  # type: ignore[no-any-return]
+    """Return the generator's schedule with the schedule's default chunks, not validated."""
+    return get(name).build(p, m, chunks_for(name, None))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", "-p", type=int, default=64)
     ap.add_argument("--microbatches", "-m", type=int, default=512)
-    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULE_NAMES), choices=SCHEDULE_NAMES)
+    ap.add_argument("--schedules", nargs="+", default=list(names()), choices=names())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
@@ -80,7 +79,7 @@ def main() -> None:
             ]
         )
     print(
-        f"p = {p} workers, m = {m} micro-batches (interleaved: 2 chunks); "
+        f"p = {p} workers, m = {m} micro-batches (each schedule's default chunks); "
         f"median of {args.repeats} runs\n"
     )
     print(

@@ -156,7 +156,7 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
                 continue
             for ckpt in ("never", "always", "except_last"):
                 pipe = lw.Pipeline(
-                    mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse, checkpoint=ckpt
+                    mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse, recompute=ckpt
                 )
                 loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
                 results[f"{schedule} m={m} {ckpt}"] = compare(pipe, loss, ref_loss, ref_grads)
@@ -382,9 +382,9 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
     matched by order in per-stream groups (one set per pipeline of the mesh)."""
     from torch.distributed.tensor import DTensor
 
+    from layerwise.models.gpt import GPTFamily
     from layerwise.parallel.data import GradReducer
     from layerwise.parallel.mesh import Grid, build_mesh
-    from layerwise.parallel.tensor import tensor_parallel
 
     layout = Grid(dp=dp, pp=pp, tp=tp)
     mesh = build_mesh(layout)
@@ -399,7 +399,7 @@ def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, 
             cfg,
             case,
             group=mesh["pp"].get_group(),
-            parallelize=lambda i, m: tensor_parallel(m, mesh["tp"]),
+            parallelize=lambda i, m: GPTFamily(cfg).parallelize(i, m, mesh["tp"]),
             grad_reducer=GradReducer(mesh["dp"].get_group()) if dp > 1 else None,
         )
         loss = pipe.train_step(
@@ -433,8 +433,8 @@ def _zero_step_matches(
     """One AdamW step with optimizer state sharded over dp equals a plain AdamW step."""
     from torch.distributed.tensor import DTensor
 
+    from layerwise.models.gpt import GPTFamily
     from layerwise.parallel.data import GradReducer
-    from layerwise.parallel.tensor import tensor_parallel
     from layerwise.parallel.zero import ShardedOptimizer
 
     model = build_gpt(cfg)
@@ -448,7 +448,7 @@ def _zero_step_matches(
         cfg,
         "1f1b",
         group=mesh["pp"].get_group(),
-        parallelize=lambda i, m: tensor_parallel(m, mesh["tp"]),
+        parallelize=lambda i, m: GPTFamily(cfg).parallelize(i, m, mesh["tp"]),
         grad_reducer=GradReducer(mesh["dp"].get_group()),
     )
     pipe.train_step(x[mine] if pipe.is_first else None, y[mine] if pipe.is_last else None)
@@ -476,12 +476,11 @@ def tp_collectives(rank: int, world: int) -> dict[str, int]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from layerwise.models.gpt import Block
-    from layerwise.parallel.tensor import tensor_parallel
+    from layerwise.models.gpt import Block, GPTFamily
 
     mesh = init_device_mesh("cpu", (world,))
     cfg = GPTConfig(seq_len=8, d_model=16, n_layers=1, n_heads=2)
-    block = tensor_parallel(Block(cfg), mesh)
+    block = GPTFamily(cfg).parallelize(1, Block(cfg), mesh)  # layer 1: the first block
     x = torch.randn(2, 8, 16, requires_grad=True)
     with CommDebugMode() as fwd:
         y = block(x)

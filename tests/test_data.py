@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from layerwise.job.data import (
     decode,
     encode,
     load_corpus,
+    load_splits,
     split,
     stdlib_files,
 )
@@ -132,3 +134,34 @@ def test_errors(tmp_path: Path) -> None:
         Batcher(encode("short"), batch_size=2, seq_len=5)
     with pytest.raises(ValueError, match="max_bytes"):
         load_corpus(tmp_path, max_bytes=0)
+
+
+def test_validation_holds_out_whole_files_across_the_corpus(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"f{i:02d}.txt").write_text(f"<file {i:02d}>" * 20)
+    train, val = load_splits(tmp_path, max_bytes=10_000, val_fraction=0.25)
+    assert (train, val) == load_splits(tmp_path, max_bytes=10_000, val_fraction=0.25)
+    names = {n: set(re.findall(rb"<file (\d\d)>", part)) for n, part in (("t", train), ("v", val))}
+    assert names["t"] and names["v"] and not names["t"] & names["v"]  # whole files, disjoint
+    assert len(names["v"]) < len(names["t"])
+    # a draw by hash, not the first files in path order
+    assert names["t"] != {b"%02d" % i for i in range(len(names["t"]))}
+    single = tmp_path / "f00.txt"
+    head, tail = load_splits(single, val_fraction=0.1)  # one file: split by position
+    assert head + tail == single.read_bytes() + b"\n" and len(tail) == len(head + tail) // 10
+
+
+def test_default_splits_draw_validation_files_from_the_whole_library() -> None:
+    train, val = load_splits(max_bytes=400_000)
+    assert 35_000 <= len(val) <= 40_000 and len(train) >= 300_000
+    assert b"def " in train and b"def " in val
+    # not the codec tables that end the library in path order
+    assert val.count(b"0x") < len(val) // 200
+
+
+def test_binary_data_file_is_refused(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\x00\x01binary")
+    for load in (load_corpus, load_splits):
+        with pytest.raises(ValueError, match="is not text"):
+            load(blob)

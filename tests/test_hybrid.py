@@ -6,7 +6,8 @@ import pytest
 
 import _workers as w
 from layerwise.job.launcher import run_workers
-from layerwise.parallel.mesh import Grid, check_grid, describe_mesh
+from layerwise.models.gpt import GPTConfig, GPTFamily
+from layerwise.parallel.mesh import Grid, describe_mesh
 
 
 @pytest.mark.timeout(400)
@@ -44,15 +45,22 @@ def test_layout_grid_is_tensor_parallel_innermost() -> None:
     [
         (Grid(2, 2, 2), 6, r"world size 6 is not dp\*pp\*tp"),
         (Grid(1, 2, 3), None, r"--tp 3 does not divide the attention heads \(4\)"),
-        (Grid(1, 9, 1), None, r"--pp 9 is larger than the number of layers \(6\)"),
+        (
+            Grid(1, 9, 1),
+            None,
+            r"--pp 9 is larger than the number of layers \(6: 4 blocks plus the embedding "
+            r"and the head\)",
+        ),
         (Grid(0, 1, 1), None, r"--dp must be >= 1"),
     ],
 )
 def test_bad_layouts_fail_before_any_process_group(
     layout: Grid, world: int | None, message: str
 ) -> None:
+    # 4 heads, width 64, MLP 256 and 6 layers: the family checks the model, check_grid the grid
+    family = GPTFamily(GPTConfig(n_heads=4, d_model=64, d_ff=256, n_layers=4))
     with pytest.raises(ValueError, match=message):
-        check_grid(layout, world, heads=4, d_model=64, d_ff=256, num_layers=6)
+        family.check(layout, world)
 
 
 @pytest.mark.timeout(300)

@@ -22,7 +22,6 @@ from layerwise.planner.specs import (
     MODEL_PRESETS,
     PRECISIONS,
     RECOMPUTE,
-    SCHEDULES,
     ClusterSpec,
     Layout,
     ModelSpec,
@@ -30,6 +29,7 @@ from layerwise.planner.specs import (
     TrainSpec,
     gpu_preset,
     model_preset,
+    schedules,
 )
 from layerwise.planner.timing import DEFAULT_CALIBRATION, Calibration
 
@@ -69,7 +69,12 @@ def add_parser(subparsers: Any) -> None:
         d.add_argument(f"--{name}", type=int)
     d.add_argument("--recompute", choices=RECOMPUTE)
     d.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
-    d.add_argument("--schedule", choices=(*SCHEDULES, "all"), default="1f1b")
+    d.add_argument(
+        "--schedule",
+        choices=(*schedules(), "all"),
+        default=schedules()[0],
+        help="one stage per worker; --vpp > 1 runs its interleaved form (default: %(default)s)",
+    )
     o = p.add_argument_group("output and calibration")
     o.add_argument("--top", type=int, default=5, help="layouts to show")
     o.add_argument("--json", action="store_true", help="print JSON")
@@ -149,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         recompute=args.recompute or "none",
         sequence_parallel=bool(args.sequence_parallel),
         zero=args.zero or 0,
-        schedule="1f1b" if args.schedule == "all" else args.schedule,
+        schedule=schedules()[0] if args.schedule == "all" else args.schedule,
     )
     ev = evaluate(model, cluster, train, lay, _calibration(args))
     print(json.dumps(ev.to_json(), indent=2) if args.json else render_evaluation(ev, cluster))
@@ -162,7 +167,7 @@ def _search(args: argparse.Namespace) -> int:
     fixed = Fixed(
         dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp, micro_batch=args.micro_batch,
         recompute=args.recompute, zero=args.zero, sequence_parallel=args.sequence_parallel,
-        schedules=SCHEDULES if args.schedule == "all" else (args.schedule,),
+        schedules=schedules() if args.schedule == "all" else (args.schedule,),
     )  # fmt: skip
     result = plan(model, cluster, train, fixed, top=args.top, cal=_calibration(args))
     if args.json:
@@ -176,7 +181,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """Runs ``layerwise plan``; returns the exit code (1 on bad input, 2 if nothing fits)."""
     try:
         if args.local:
-            if args.schedule not in (None, "1f1b", "gpipe", "zb-h1"):
+            if args.schedule == "all":
                 raise PlanError(f"--local simulates one schedule at a time, not {args.schedule!r}")
             return run_local(args)
         return _evaluate(args) if args.mode == "evaluate" else _search(args)
@@ -193,7 +198,7 @@ def run_local(args: argparse.Namespace) -> int:
         layers=args.layers or 8, hidden=args.hidden or 256, heads=args.heads or 4,
         seq=args.seq or 128, micro_batch=args.micro_batch or 2,
         global_batch=args.global_batch or 16, workers=args.workers,
-        schedule=args.schedule if args.schedule in ("1f1b", "gpipe", "zb-h1") else "1f1b",
+        schedule=args.schedule or schedules()[0],
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from layerwise.schedules import SCHEDULE_NAMES, generate
+from layerwise.cli.schedule_flags import chunks_help, schedule_help, schedule_options
+from layerwise.schedules import Schedule, chunks_for, generate, get, names, problems, specs
 from layerwise.simulate import Costs, simulate
 from layerwise.timeline import Timeline, render_ascii, render_png, write_chrome_trace
 
@@ -21,14 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--microbatches", "-m", type=int, default=8, help="micro-batches per step (default 8)"
     )
-    p.add_argument("--schedule", "-s", default="1f1b", choices=SCHEDULE_NAMES)
-    p.add_argument(
-        "--chunks",
-        "-v",
-        type=int,
-        default=None,
-        help="stages per worker for interleaved-1f1b (default 2)",
-    )
+    p.add_argument("--schedule", "-s", default="1f1b", help=schedule_help(), **schedule_options())
+    p.add_argument("--chunks", "-v", type=int, default=None, help=chunks_help())
     p.add_argument(
         "--fwd", type=float, default=1.0, help="forward time of a worker's layers (default 1)"
     )
@@ -37,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--wgrad",
         type=float,
         default=None,
-        help="weight-gradient part of the backward, for zb-h1 (default bwd/2)",
+        help="weight-gradient part of the backward, for the schedules that split it ("
+        + ", ".join(s.name for s in specs() if s.split_backward)
+        + "; default bwd/2)",
     )
     p.add_argument(
         "--comm", type=float, default=0.0, help="time to send one activation (default 0)"
@@ -46,18 +43,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--png", help="write a Gantt chart PNG here")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--compare", action="store_true", help="compare every schedule side by side")
+    p.add_argument(
+        "--compare", action="store_true", help="compare every registered schedule side by side"
+    )
     p.add_argument("--schedule-file", help="simulate a schedule from a text/CSV file instead")
     p.set_defaults(func=run_simulate)
 
 
-def _simulate_one(name: str, args: argparse.Namespace) -> Timeline:
-    chunks = args.chunks or (2 if name == "interleaved-1f1b" else 1)
-    schedule = generate(name, args.workers, args.microbatches, chunks)
+def _simulate_one(name: str, args: argparse.Namespace, chunks: int | None) -> Timeline:
+    schedule = generate(name, args.workers, args.microbatches, chunks_for(name, chunks))
     return _simulate_schedule(schedule, args)
 
 
-def _simulate_schedule(schedule, args: argparse.Namespace) -> Timeline:  # type: ignore[no-untyped-def]
+def _compare_chunks(name: str, chunks: int | None) -> int | None:
+    """Return --chunks for the schedules that allow it, and None (their own) for the rest."""
+    return chunks if chunks is not None and get(name).allows_chunks(chunks) else None
+
+
+def _comparable(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Return the registered schedules these sizes suit, and why each other one is left out."""
+    kept, left_out = [], {}
+    for name in names():
+        found = problems(name, args.workers, args.microbatches, _compare_chunks(name, args.chunks))
+        if found:
+            left_out[name] = "; ".join(found)
+        else:
+            kept.append(name)
+    return kept, left_out
+
+
+def _simulate_schedule(schedule: Schedule, args: argparse.Namespace) -> Timeline:
     v = schedule.chunks
     # --fwd/--bwd describe one worker's whole share of the model; a chunk is 1/v of it
     wgrad = None if args.wgrad is None else args.wgrad / v
@@ -82,16 +97,19 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Print the Gantt chart and metrics of one schedule, or a comparison of all."""
     ideal = args.microbatches * (args.fwd + args.bwd)
     if args.compare:
-        names = [
-            n
-            for n in SCHEDULE_NAMES
-            if n != "interleaved-1f1b" or args.microbatches % args.workers == 0
+        kept, left_out = _comparable(args)
+        rows = [
+            _metrics(_simulate_one(n, args, _compare_chunks(n, args.chunks)), ideal) for n in kept
         ]
-        rows = [_metrics(_simulate_one(n, args), ideal) for n in names]
         if args.json:
             print(
                 json.dumps(
-                    {"workers": args.workers, "microbatches": args.microbatches, "schedules": rows}
+                    {
+                        "workers": args.workers,
+                        "microbatches": args.microbatches,
+                        "schedules": rows,
+                        "left_out": left_out,
+                    }
                 )
             )
             return 0
@@ -112,8 +130,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                 f"{100 * max(w['idle_fraction'] for w in workers):>11.1f}%"
                 f"{max(w['peak_inflight'] for w in workers):>11}"
             )
-        if args.microbatches % args.workers:
-            print("(interleaved-1f1b left out: micro-batches must be a multiple of workers)")
+        for name, why in left_out.items():
+            print(f"({name} left out: {why})")
         return 0
     if args.schedule_file:
         from layerwise.schedules import from_csv, from_text
@@ -123,7 +141,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         tl = _simulate_schedule(schedule, args)
         ideal = schedule.num_microbatches * (args.fwd + args.bwd)
     else:
-        tl = _simulate_one(args.schedule, args)
+        tl = _simulate_one(args.schedule, args, args.chunks)
     if args.png:
         render_png([tl], args.png, titles=[f"{tl.meta['schedule']} (simulated)"])
     if args.trace:

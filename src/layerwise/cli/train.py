@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from layerwise.cli.schedule_flags import schedule_options
+from layerwise.job.checks import check_writable
 from layerwise.job.launcher import relaunch, under_torchrun
 from layerwise.parallel.mesh import describe_mesh
 
@@ -18,12 +20,13 @@ FLAGS: dict[str, tuple[type, str]] = {
     "dp": (int, "data-parallel replicas of the pipeline"),
     "tp": (int, "tensor-parallel workers per stage (split heads and MLP)"),
     "zero": (int, "1: shard optimizer state across the data-parallel replicas (ZeRO-1)"),
-    "schedule": (str, "naive | gpipe | 1f1b | interleaved-1f1b | zb-h1"),
+    "schedule": (str, "pipeline schedule or an alias (see 'layerwise simulate --help')"),
     "microbatches": (int, "micro-batches per step"),
-    "chunks": (int, "stages per worker for interleaved-1f1b"),
+    "chunks": (int, "stages per worker; if unset, the schedule's own"),
     "balance": (str, "uniform | params | time | memory | sizes such as 2,2,1,1"),
     "recompute": (str, "activation recomputation: never | always | except_last"),
     "precision": (str, "fp32 | bf16"),
+    "model": (str, "model family, by name (layerwise.models.family)"),
     "layers": (int, "transformer blocks"),
     "d_model": (int, "model width"),
     "heads": (int, "attention heads"),
@@ -55,8 +58,10 @@ def add_parser(sub: Any) -> None:
         flags = ["--" + name.replace("_", "-")]
         if name == "recompute":  # the flag's first name, kept for existing scripts
             flags.append("--checkpoint")
-        p.add_argument(*flags, dest=name, type=kind, default=None,
-                       help=f"{text} (default: {default})")  # fmt: skip
+        options: dict[str, Any] = {"type": kind, "help": f"{text} (default: {default})"}
+        if name == "schedule":  # the registered names, read when the parser is built
+            options.update(schedule_options())
+        p.add_argument(*flags, dest=name, default=None, **options)
     p.add_argument("--pp", dest="workers", type=int, help="pipeline degree (same as --workers)")
     p.add_argument(
         "--tie-embeddings",
@@ -86,7 +91,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
                 f"cannot resume {run_dir} with a different layout: {changed} vs saved "
                 f"{ {k: cfg.layout()[k] for k in changed} }; resume on the same layout"
             )
-        return dataclasses.replace(cfg, **given, run_dir=str(run_dir)), True
+        cfg = dataclasses.replace(cfg, **given, run_dir=str(run_dir))
+        check_config(cfg)
+        return cfg, True
     cfg = TrainConfig(**given)
     check_config(cfg)
     cfg.run_dir = args.run_dir or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
@@ -108,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     layout = cfg.grid()
     print(

@@ -1,6 +1,8 @@
 """Byte-level corpora and deterministic batching; nothing is downloaded.
 
-The default corpus is the Python standard library's own source. Tokens are bytes
+The default corpus is the Python standard library's own source, drawn from the whole
+library, with whole files held out for validation (chosen by a hash of their path), so that
+training and validation text come from the same distribution. Tokens are bytes
 (vocabulary 256). Batch k is a pure function of (seed, k), so a resumed run sees exactly
 the batches an uninterrupted one would, whatever the number of workers.
 """
@@ -64,6 +66,63 @@ def _concatenate(files: Sequence[Path], max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _path_hash(name: str) -> int:
+    """A stable 64-bit hash of a file's relative path (not Python's salted ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _corpus_files(path: str | Path | None) -> tuple[Path, list[Path], str]:
+    """(root, its text files in sorted order, a description for messages)."""
+    if path is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        return root, stdlib_files(), f"the standard library at {root}"
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
+    if root.is_file():
+        if not _is_text(root):
+            raise ValueError(
+                f"--data {str(root)!r} is not text (it holds NUL bytes); give a text file or "
+                f"a folder of text files"
+            )
+        return root.parent, [root], repr(str(root))
+    return root, [p for p in _sorted_files(root) if _is_text(p)], repr(str(root))
+
+
+def load_splits(
+    path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES, val_fraction: float = 0.1
+) -> tuple[bytes, bytes]:
+    """Return (training text, validation text), about ``max_bytes`` in all.
+
+    Whole files are held out for validation: a file is in it when the hash of its relative
+    path falls in the lowest ``val_fraction`` of the range. Each side then takes its files in
+    hash order (a deterministic draw from the whole corpus, not its first directories) up to
+    its share of ``max_bytes``. A single file, or a folder whose files all land on one side,
+    is split by position instead: the last ``val_fraction`` of the text is validation.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    root, files, source = _corpus_files(path)
+    keyed = sorted((_path_hash(f.relative_to(root).as_posix()), f) for f in files)
+    cut = int(val_fraction * 2**64)
+    val_files = [f for h, f in keyed if h < cut]
+    train_files = [f for h, f in keyed if h >= cut]
+    if not val_files or not train_files:
+        text = _concatenate(files, max_bytes)
+        if not text.strip():
+            raise ValueError(f"corpus from {source} is empty ({len(files)} text files found)")
+        n_val = int(len(text) * val_fraction)
+        return text[: len(text) - n_val], text[len(text) - n_val :]
+    n_val = int(max_bytes * val_fraction)
+    train = _concatenate(train_files, max_bytes - n_val)
+    val = _concatenate(val_files, n_val)
+    if not train.strip() or not val.strip():
+        raise ValueError(f"corpus from {source} is empty ({len(files)} text files found)")
+    return train, val
+
+
 def load_corpus(path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Return at most ``max_bytes`` bytes of training text.
 
@@ -73,15 +132,7 @@ def load_corpus(path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYT
     """
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-    if path is None:
-        files = stdlib_files()
-        source = f"the standard library at {sysconfig.get_paths()['stdlib']}"
-    else:
-        root = Path(path)
-        if not root.exists():
-            raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
-        files = [root] if root.is_file() else [p for p in _sorted_files(root) if _is_text(p)]
-        source = repr(str(root))
+    _, files, source = _corpus_files(path)
     corpus = _concatenate(files, max_bytes)
     if not corpus.strip():
         raise ValueError(f"corpus from {source} is empty ({len(files)} text files found)")

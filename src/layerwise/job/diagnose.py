@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.partition import partition
-from layerwise.schedules import generate
+from layerwise.schedules import alternatives, chunks_for, generate, get, problems
 from layerwise.simulate import Costs, measured_costs, simulate
 from layerwise.timeline import Timeline, render_ascii
 
@@ -56,23 +56,14 @@ def suggestions(
                 predict(cfg["schedule"], p, 2 * m, 1, [f / 2 for f in fwd], [b / 2 for b in bwd]),
                 "smaller micro-batches shrink the fill and drain bubble (p-1)/(m+p-1)",
             )
-        if cfg["schedule"] != "1f1b":
-            add(
-                "--schedule 1f1b",
-                predict("1f1b", p, m, 1, fwd, bwd),
-                "1F1B overlaps workers and holds at most p micro-batches' activations",
-            )
-        if m % p == 0 and int(cfg["layers"]) + 2 >= 2 * p:
+        for name in _other_schedules(cfg["schedule"], p, m):
+            add(f"--schedule {name}", predict(name, p, m, 1, fwd, bwd), get(name).description)
+        if not problems("interleaved-1f1b", p, m, 2) and _num_layers(cfg) >= 2 * p:
             add(
                 "--schedule interleaved-1f1b --chunks 2",
                 predict("interleaved-1f1b", p, m, 2, fwd, bwd),
                 "two chunks per worker halve the bubble at twice the point-to-point traffic",
             )
-        add(
-            "--schedule zb-h1",
-            predict("zb-h1", p, m, 1, fwd, bwd),
-            "deferred weight gradients fill the cool-down bubble at 1F1B's memory",
-        )
         # rebalance: spread each stage's measured time evenly over its layers, re-partition
         layer_costs: list[float] = []
         sizes = _sizes(cfg, p)
@@ -105,13 +96,39 @@ def suggestions(
     return sorted(out, key=lambda s: s["predicted_step_s"])
 
 
+def _other_schedules(current: str, p: int, m: int) -> list[str]:
+    """Return the registered schedules to suggest instead of ``current`` on the same p
+    stages: those that hold no more activations at peak, so that switching costs no memory
+    (any of them if ``current`` is a reference such as naive)."""
+    now = get(current)
+    return [
+        name
+        for name in alternatives(tuple(range(p)), m)
+        if name != now.name
+        and (now.reference or get(name).max_inflight(p, m, 1) <= now.max_inflight(p, m, 1))
+    ]
+
+
 def _sizes(cfg: dict[str, Any], p: int) -> list[int]:
     from layerwise.partition import uniform
 
     sizes = cfg.get("stage_sizes")
     if sizes:
         return [int(x) for x in sizes]
-    return uniform(int(cfg["layers"]) + 2, p).sizes
+    return uniform(_num_layers(cfg), p).sizes
+
+
+def _num_layers(cfg: dict[str, Any]) -> int:
+    """Return the number of layers the run's model was split into stages from (embedding and
+    head included), asked of its model family; config.json files from before the ``model``
+    field are GPT runs, and keys that are not TrainConfig fields are left out."""
+    from dataclasses import fields
+
+    from layerwise.job.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    run = TrainConfig(**{k: v for k, v in cfg.items() if k in known})
+    return run.family().num_layers
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
@@ -125,7 +142,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         cfg["schedule"],
         int(cfg["workers"]),
         int(cfg["microbatches"]),
-        int(cfg.get("chunks") or (2 if cfg["schedule"] == "interleaved-1f1b" else 1)),
+        chunks_for(cfg["schedule"], cfg.get("chunks") or None),
     )
     costs = measured_costs([measured], schedule)
     simulated = simulate(schedule, costs)

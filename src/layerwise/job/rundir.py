@@ -1,4 +1,4 @@
-"""What a training run leaves behind: metrics, timeline pictures, a summary, progress."""
+"""What a training run leaves behind: metrics, timeline pictures and a summary."""
 
 from __future__ import annotations
 
@@ -72,25 +72,3 @@ def write_summary(run_dir: Path, layout: str, record: dict[str, Any], pipe: Pipe
     if not dist.is_initialized() or dist.get_rank() == 0:
         summary = {"layout": layout, "final": record, "ranks": ranks}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
-def progress_bar(label: str, total: int, start: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=label, unit="step", dynamic_ncols=True)
-
-
-def update_progress(bar: Any, record: dict[str, Any]) -> None:
-    """Advance the bar; validation losses, skipped steps and spikes get lines of their own."""
-    post = {
-        "loss": f"{record['loss']:.3f}",
-        "tok/s": f"{record['tokens_per_s']:.0f}",
-        "idle": f"{100 * record['idle']:.0f}%",
-    }
-    if "val_loss" in record:
-        bar.write(f"step {record['step'] + 1}: val loss {record['val_loss']:.3f}")
-    for key in ("skipped", "spike"):
-        if key in record:
-            bar.write(f"step {record['step'] + 1}: {record[key]}")
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)

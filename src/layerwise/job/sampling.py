@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from layerwise.job import checkpoints as ckpt
+from layerwise.job.checks import parse_balance
 from layerwise.job.data import decode, encode
-from layerwise.job.train import load_config, parse_balance
-from layerwise.models.gpt import gpt_layers, loss_fn, tied_parameter_names
+from layerwise.job.train import load_config
 from layerwise.runtime.pipeline import Pipeline
 
 
@@ -41,15 +41,15 @@ def sampling_worker(args: argparse.Namespace) -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.timeout))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     try:
-        gpt = cfg.gpt()
+        family = cfg.family()
         pipe = Pipeline(
-            gpt_layers(gpt),
+            family.layers(),
             schedule="gpipe",
             microbatches=1,
-            loss_fn=loss_fn,
+            loss_fn=family.loss_fn,
             balance=parse_balance(cfg.balance),
             chunks=None,
-            tied=tied_parameter_names(gpt),
+            tied=family.tied_parameters(),
             timeout=cfg.timeout,
             seed=cfg.seed,
         )

@@ -1,4 +1,5 @@
-"""The training job behind ``layerwise train``: a GPT decoder trained layer-wise across workers.
+"""The training job behind ``layerwise train``: a model (a GPT decoder by default) trained
+layer-wise across workers; the job knows the model only through its family's interface.
 
 Runs on every rank (started by ``torchrun`` or by :mod:`layerwise.job.launcher`). Rank 0 shows
 progress and writes the run directory: ``config.json``, ``metrics.jsonl``, ``timeline.json``,
@@ -21,24 +22,23 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from layerwise.job import checkpoints as ckpt
-from layerwise.job.data import Batcher, load_corpus, split
+from layerwise.job.checks import check_run, parse_balance
+from layerwise.job.console import Console, Scalars
+from layerwise.job.data import Batcher, load_splits
 from layerwise.job.guard import StepGuard
 from layerwise.job.rundir import (
     RunLog,
-    progress_bar,
     simulated_twin,
-    update_progress,
     write_pictures,
     write_summary,
 )
-from layerwise.models.gpt import GPTConfig, gpt_layers, loss_fn, tied_parameter_names
+from layerwise.models.family import ModelFamily, get_family
 from layerwise.parallel.data import GradReducer
-from layerwise.parallel.mesh import Grid, build_mesh, check_grid
-from layerwise.parallel.tensor import tensor_parallel
+from layerwise.parallel.mesh import Grid, build_mesh
 from layerwise.parallel.zero import ShardedOptimizer
 from layerwise.runtime.pipeline import Pipeline
 from layerwise.runtime.transport import PeerError
-from layerwise.schedules import generate
+from layerwise.schedules import alternatives, generate
 from layerwise.simulate import simulate
 from layerwise.timeline import Timeline
 
@@ -57,6 +57,7 @@ class TrainConfig:
     balance: str = "params"
     recompute: str = "never"  # activation recomputation (Pipeline's ``recompute``)
     precision: str = "fp32"
+    model: str = "gpt"  # a model family's name (models.family); older config.json files: gpt
     layers: int = 4
     d_model: int = 128
     heads: int = 4
@@ -79,8 +80,10 @@ class TrainConfig:
     max_nonfinite: int = 3
     timeout: float = 120.0
 
-    def gpt(self) -> GPTConfig:
-        return GPTConfig(
+    def family(self) -> ModelFamily:
+        """Return the model this run trains: its family, built from the run's sizes."""
+        return get_family(
+            self.model,
             seq_len=self.seq_len,
             d_model=self.d_model,
             n_layers=self.layers,
@@ -102,6 +105,7 @@ class TrainConfig:
             "schedule",
             "microbatches",
             "chunks",
+            "model",
             "layers",
             "d_model",
             "heads",
@@ -126,13 +130,9 @@ def load_config(run_dir: str | Path) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise ValueError if the model's sizes or the layout cannot run; no process needed."""
-    gpt = cfg.gpt()
-    check_grid(cfg.grid(), None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
-
-
-def parse_balance(text: str) -> str | list[int]:
-    """'params' stays a mode; '2,2,1,1' becomes stage sizes."""
-    return [int(x) for x in text.split(",")] if "," in text or text.isdigit() else text
+    family = cfg.family()
+    check_run(cfg, family.num_layers)
+    family.check(cfg.grid())
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -183,15 +183,15 @@ class Groups:
 
 def _setup(cfg: TrainConfig) -> Groups:
     layout = cfg.grid()
-    gpt = cfg.gpt()
-    check_grid(layout, None, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
+    family = cfg.family()
+    family.check(layout)
     if not dist.is_initialized():
         from datetime import timedelta
 
         backend = "nccl" if cfg.device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
-    check_grid(layout, world, gpt.n_heads, gpt.d_model, gpt.ff_dim, gpt.num_layers_total)
+    family.check(layout, world)
     if cfg.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     cores = os.cpu_count() or 1
@@ -212,7 +212,7 @@ def _setup(cfg: TrainConfig) -> Groups:
 
 
 def _build_pipeline(cfg: TrainConfig, groups: Groups) -> Pipeline:
-    gpt = cfg.gpt()
+    family = cfg.family()
     tp_mesh = groups.tp_mesh
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -220,20 +220,20 @@ def _build_pipeline(cfg: TrainConfig, groups: Groups) -> Pipeline:
         else torch.device("cpu")
     )
     return Pipeline(
-        gpt_layers(gpt),
+        family.layers(),
         schedule=cfg.schedule,
         microbatches=cfg.microbatches,
-        loss_fn=loss_fn,
+        loss_fn=family.loss_fn,
         balance=parse_balance(cfg.balance),
-        checkpoint=cfg.recompute,
+        recompute=cfg.recompute,
         chunks=cfg.chunks,
-        tied=tied_parameter_names(gpt),
+        tied=family.tied_parameters(),
         device=device,
         timeout=cfg.timeout,
         seed=cfg.seed,
         precision=cfg.precision,
         group=groups.pp,
-        parallelize=(lambda i, m: tensor_parallel(m, tp_mesh)) if tp_mesh is not None else None,
+        parallelize=None if tp_mesh is None else lambda i, m: family.parallelize(i, m, tp_mesh),
         grad_reducer=GradReducer(groups.dp) if groups.layout.dp > 1 and groups.dp else None,
     )
 
@@ -273,9 +273,10 @@ class Trainer:
         self.batcher: Batcher | None = None
         self.val: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.pipe.is_first or self.pipe.is_last:  # only they touch tokens
-            corpus = load_corpus(cfg.data, cfg.data_bytes)
-            tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
-            train_tokens, val_tokens = split(tokens, 0.1)
+            # validation holds out whole files, drawn from the same corpus (job.data)
+            train_text, val_text = load_splits(cfg.data, cfg.data_bytes, 0.1)
+            train_tokens, val_tokens = (torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
+                                        for b in (train_text, val_text))  # fmt: skip
             self.batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
             val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
             self.val = val.eval_batches(cfg.eval_batches)
@@ -337,10 +338,9 @@ class Trainer:
         costs = pipe.calibrate(*self._batch(0))
         sched = pipe.schedule
         others = {}
-        if sched.chunks == 1:
-            for name in ("gpipe", "1f1b", "zb-h1"):
-                alt = generate(name, sched.num_workers, sched.num_microbatches)
-                others[name] = simulate(alt, costs).makespan()
+        for name in alternatives(sched.stage_worker, sched.num_microbatches):
+            alt = generate(name, sched.num_workers, sched.num_microbatches, sched.chunks)
+            others[name] = simulate(alt, costs).makespan()
         return {
             "schedule": sched.name,
             "microbatches": sched.num_microbatches,
@@ -383,7 +383,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             (run_dir / "prediction.json").write_text(json.dumps(prediction, indent=2))
             print(describe_prediction(prediction), flush=True)
     log = RunLog(run_dir, start) if rank == 0 else None
-    bar = progress_bar(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
+    console = Console(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
+    scalars = Scalars(run_dir) if rank == 0 else None
+    records: list[dict[str, Any]] = []
     record: dict[str, Any] = {}
     measured = None
     for step in range(start, cfg.steps):
@@ -393,11 +395,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             record["val_loss"] = trainer.validation_loss()
         if (step + 1) % cfg.save_interval == 0 or last:
             trainer.save(step + 1)
-        if log is not None and bar is not None:
+        records.append(record)
+        if log is not None and console is not None and scalars is not None:
             log.write(record)
-            update_progress(bar, record)
-    if bar is not None:
-        bar.close()
+            scalars.write(record)
+            console.step(record)
     if measured is not None:
         pipe = trainer.pipe
         measured.meta["stage_sizes"] = pipe.partition.sizes
@@ -407,6 +409,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if rank == 0:
             write_pictures(run_dir, measured, twin)
     write_summary(run_dir, str(cfg.grid()), record, trainer.pipe)
+    if console is not None and scalars is not None:
+        scalars.close()
+        console.finish(records, run_dir)
     return record
 
 

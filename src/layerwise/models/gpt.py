@@ -3,7 +3,8 @@
 The model is ``[Embedding, Block 0 .. Block L-1, Head]``. ``gpt_layers`` returns one
 zero-argument factory per layer, and every factory seeds its own initialization from
 ``(config.seed, layer index)``: a pipeline worker that builds only layers i..j gets exactly
-the weights that building the whole model in one process would give.
+the weights that building the whole model in one process would give. ``GPTFamily`` is the
+model as the job and the planner see it (:mod:`layerwise.models.family`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from layerwise.models.family import LayerFactory, ModelFamily, TiedParameter
+
+if TYPE_CHECKING:  # only for annotations: torch's tensor-parallel package is slow to import
+    from layerwise.parallel.mesh import Grid
+    from layerwise.parallel.tensor import TensorParallelPlan
 
 
 @dataclass(frozen=True)
@@ -296,3 +304,81 @@ def flops_per_token(config: GPTConfig, training: bool = True) -> int:
     matmul_params = L * (4 * C * C + 2 * C * config.ff_dim) + config.vocab_size * C
     forward = 2 * matmul_params + 4 * L * T * C
     return 3 * forward if training else forward
+
+
+# Attention: q, k, v column-wise (each rank gets whole heads), output projection row-wise; MLP:
+# first linear column-wise, second row-wise. Embedding, norms and head stay whole: their
+# inputs are identical on every tensor-parallel rank.
+BLOCK_PLAN: TensorParallelPlan = {
+    "attn.q_proj": "col",
+    "attn.k_proj": "col",
+    "attn.v_proj": "col",
+    "attn.out_proj": "row",
+    "mlp.fc_in": "col",
+    "mlp.fc_out": "row",
+    "attn": "shared_input",
+}
+
+
+class GPTFamily(ModelFamily):
+    """The GPT of this module as a model family: [Embedding, Block 0..L-1, Head]."""
+
+    name = "gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_config(cls, **config: Any) -> GPTFamily:
+        """Return the family of ``GPTConfig(**config)``; ValueError names unknown options."""
+        unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
+        if unknown:
+            known = [f.name for f in fields(GPTConfig)]
+            raise ValueError(f"the gpt model family has no option {unknown}; its options: {known}")
+        return cls(GPTConfig(**config))
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers_total
+
+    def describe_layers(self) -> str:
+        return f"{self.config.n_layers} blocks plus the embedding and the head"
+
+    def layers(self) -> list[LayerFactory]:
+        return gpt_layers(self.config)
+
+    def loss_fn(self, output: Tensor, target: Tensor) -> Tensor:
+        return loss_fn(output, target)  # the module's function: logits (B, T, V), targets (B, T)
+
+    def tied_parameters(self) -> list[TiedParameter]:
+        return tied_parameter_names(self.config)
+
+    def tensor_parallel_plan(self, index: int, module: nn.Module) -> TensorParallelPlan:
+        return BLOCK_PLAN if 1 <= index <= self.config.n_layers else {}
+
+    def check_layout(self, layout: Grid) -> None:
+        """Raise ValueError unless tp divides the heads, the hidden size and the MLP width."""
+        if layout.tp < 1:
+            return  # not a layout at all: check_grid says so
+        c = self.config
+        sizes = (
+            ("attention heads", c.n_heads),
+            ("hidden size", c.d_model),
+            ("MLP width", c.ff_dim),
+        )
+        for what, size in sizes:
+            if size % layout.tp:
+                divisors = [t for t in range(1, c.n_heads + 1) if all(s % t == 0 for _, s in sizes)]
+                raise ValueError(
+                    f"--tp {layout.tp} does not divide the {what} ({size}); "
+                    f"tensor parallelism splits them evenly: try --tp in {divisors}"
+                )
+
+    def parameter_counts(self) -> list[int]:
+        return layer_parameter_counts(self.config)
+
+    def sample_layer(self, micro_batch: int) -> tuple[nn.Module, Tensor]:
+        """Return block 0 and an activation of shape (micro_batch, seq_len, d_model)."""
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed)  # leaves the global RNG alone
+        return _build_layer(c, 1), torch.randn(micro_batch, c.seq_len, c.d_model, generator=gen)

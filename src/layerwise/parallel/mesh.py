@@ -36,28 +36,25 @@ class Grid:
 
 
 def check_grid(
-    layout: Grid, world: int | None, heads: int, d_model: int, d_ff: int, num_layers: int
+    layout: Grid, world: int | None, num_layers: int, layers_text: str | None = None
 ) -> None:
-    """Raise ValueError, before any process-group work, if the layout cannot run the model.
+    """Raise ValueError, before any process-group work, if the rank grid cannot hold the model.
 
-    ``num_layers`` counts every layer the partitioner splits (embedding and head included).
+    ``num_layers`` counts every layer the partitioner splits (embedding and head included);
+    ``layers_text`` says what they are, for the message.
+    What the model itself requires of the layout (tp dividing the heads, for instance) is
+    its family's check: :meth:`layerwise.models.family.ModelFamily.check` runs both.
     """
     for name in ("dp", "pp", "tp"):
         if getattr(layout, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(layout, name)}")
     if world is not None and world != layout.world:
         raise ValueError(f"world size {world} is not dp*pp*tp = {layout}")
-    for what, size in (("attention heads", heads), ("hidden size", d_model), ("MLP width", d_ff)):
-        if size % layout.tp:
-            divisors = [t for t in range(1, heads + 1) if heads % t == 0 and d_model % t == 0]
-            raise ValueError(
-                f"--tp {layout.tp} does not divide the {what} ({size}); "
-                f"tensor parallelism splits them evenly: try --tp in {divisors}"
-            )
     if layout.pp > num_layers:
         raise ValueError(
-            f"--pp {layout.pp} is larger than the number of layers ({num_layers}): "
-            f"every pipeline stage needs at least one layer"
+            f"--pp {layout.pp} is larger than the number of layers ({num_layers}"
+            + (f": {layers_text}" if layers_text else "")
+            + f"): every pipeline stage needs at least one layer; use --pp {num_layers} or fewer"
         )
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from layerwise.schedules import Schedule, generate
+from layerwise.schedules import Schedule, generate, interleaved_form
 from layerwise.simulate import Costs, simulate
 
 
 def schedule_name(schedule: str, vpp: int) -> str:
-    """Returns the core generator's name for a layout's schedule and chunk count."""
-    return "interleaved-1f1b" if vpp > 1 else schedule
+    """Returns the registered schedule a layout runs: its own with one chunk per worker, or
+    with vpp > 1 the one that interleaves it (unchanged if none does: generating it then
+    fails with the schedule's own message)."""
+    if vpp == 1:
+        return schedule
+    return interleaved_form(schedule) or schedule
 
 
 # Steps with more than this many micro-batches per worker are extrapolated (see below).

@@ -9,12 +9,13 @@ from layerwise.planner.bubble import pipeline_time
 from layerwise.planner.memory import Memory, memory
 from layerwise.planner.specs import (
     RECOMPUTE,
-    SCHEDULES,
     ClusterSpec,
     Layout,
     ModelSpec,
     PlanError,
     TrainSpec,
+    interleavable,
+    schedules,
 )
 from layerwise.planner.timing import (
     DEFAULT_CALIBRATION,
@@ -25,6 +26,7 @@ from layerwise.planner.timing import (
     stage_costs,
     step_flops,
 )
+from layerwise.schedules import interleaved_form, problems
 
 
 @dataclass(frozen=True)
@@ -129,17 +131,31 @@ def check_layout(model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, lay: 
             f"{lay.dp} x {lay.micro_batch}"
         )
     num_mb = train.global_batch // (lay.dp * lay.micro_batch)
-    if lay.vpp > 1 and (lay.pp == 1 or num_mb % lay.pp or lay.schedule != "1f1b"):
-        raise PlanError(
-            f"interleaving (vpp={lay.vpp}) needs pp > 1, the 1f1b schedule and a number of "
-            f"micro-batches ({num_mb}) that is a multiple of pp ({lay.pp})"
-        )
+    if lay.vpp > 1:
+        _check_interleaving(lay, num_mb)
     if lay.recompute not in RECOMPUTE:
         raise PlanError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {lay.recompute}")
     if lay.zero not in (0, 1, 2, 3):
         raise PlanError(f"zero stage must be 0, 1, 2 or 3, not {lay.zero}")
-    if lay.schedule not in SCHEDULES:
-        raise PlanError(f"schedule must be one of {', '.join(SCHEDULES)}, not {lay.schedule}")
+    if lay.schedule not in schedules():
+        raise PlanError(f"schedule must be one of {', '.join(schedules())}, not {lay.schedule}")
+
+
+def _check_interleaving(lay: Layout, num_microbatches: int) -> None:
+    """Raises PlanError unless the layout's schedule can run with vpp > 1 chunks per worker:
+    pp > 1, a registered interleaved form of it, and sizes that suit that form."""
+    form = interleaved_form(lay.schedule)
+    if lay.pp == 1 or form is None:
+        raise PlanError(
+            f"interleaving (vpp={lay.vpp}) needs pp > 1 and one of the schedules "
+            f"{', '.join(interleavable())} (got pp={lay.pp}, schedule {lay.schedule})"
+        )
+    found = problems(form, lay.pp, num_microbatches, lay.vpp)
+    if found:
+        raise PlanError(
+            f"interleaving (vpp={lay.vpp}) runs {form} with {num_microbatches} micro-batches "
+            f"per step (global batch / (dp x micro-batch)): {'; '.join(found)}"
+        )
 
 
 def evaluate(

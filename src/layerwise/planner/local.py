@@ -1,9 +1,9 @@
 """``layerwise plan --local``: measure this CPU's per-layer costs, predict local layouts.
 
-A small GPT-like block (pre-norm attention + GeLU MLP) is timed forward and backward with
-torch on CPU, with the threads each worker process would get. The per-layer times feed the
-same core simulator as the GPU planner, so the prediction can later be compared with a
-measured ``layerwise train`` run on this machine.
+A layer built by the model family (a GPT block unless told otherwise) is timed forward and
+backward with torch on CPU, with the threads each worker process would get. The per-layer
+times feed the same core simulator as the GPU planner, so the prediction can later be
+compared with a measured ``layerwise train`` run on this machine.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from layerwise.models.family import ModelFamily
+from layerwise.models.gpt import GPTConfig, GPTFamily
 from layerwise.planner.bubble import pipeline_time
 
 # Documented defaults for gloo over loopback between processes (not fitted).
@@ -23,28 +24,9 @@ LOCAL_LATENCY_S = 100e-6
 LOCAL_GBPS = 2.0
 
 
-class _Block(nn.Module):
-    """A GPT block: x + attn(ln(x)), then x + mlp(ln(x)); shapes (b, s, h)."""
-
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(h, dim=-1)
-        q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, s, hs)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, s, h))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
 @dataclass(frozen=True)
 class LayerCost:
-    """Measured seconds of one block for one micro-batch."""
+    """Measured seconds of one layer for one micro-batch, and its number of parameters."""
 
     forward: float
     backward: float
@@ -54,29 +36,39 @@ class LayerCost:
 def measure_layer(
     hidden: int, heads: int, seq: int, micro_batch: int, threads: int, repeats: int = 5
 ) -> LayerCost:
-    """Returns the median forward and backward seconds of one block on this CPU."""
+    """Returns the median forward and backward seconds of one GPT block on this CPU."""
+    family = GPTFamily(GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=1))
+    return measure_family_layer(family, micro_batch, threads, repeats)
+
+
+def measure_family_layer(
+    family: ModelFamily, micro_batch: int, threads: int, repeats: int = 5
+) -> LayerCost:
+    """Returns the median forward and backward seconds of the layer ``family.sample_layer``
+    builds, run on this CPU with ``threads`` threads, and its number of parameters."""
     before = torch.get_num_threads()
     try:
-        return _measure(hidden, heads, seq, micro_batch, threads, repeats)
+        torch.set_num_threads(max(1, threads))
+        layer, x = family.sample_layer(micro_batch)
+        return _time_layer(layer, x, repeats)
     finally:
         torch.set_num_threads(before)
 
 
-def _measure(hidden: int, heads: int, seq: int, micro_batch: int, threads: int,
-             repeats: int) -> LayerCost:  # fmt: skip
-    torch.set_num_threads(max(1, threads))
-    block = _Block(hidden, heads)
-    x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
+def _time_layer(layer: nn.Module, x: Tensor, repeats: int) -> LayerCost:
+    """Returns the median of ``repeats`` forward and backward passes of ``layer`` on ``x``."""
+    # a floating-point input gets its gradient too, as it does on every stage but the first
+    x = x.detach().requires_grad_(x.is_floating_point())
     fwd, bwd = [], []
     for _ in range(repeats + 1):  # the first run warms up the allocator and kernels
         t0 = time.perf_counter()
-        y = block(x)
+        y = layer(x)
         t1 = time.perf_counter()
         y.sum().backward()
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
-    params = sum(p.numel() for p in block.parameters())
+    params = sum(p.numel() for p in layer.parameters())
     return LayerCost(sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2], params)
 
 

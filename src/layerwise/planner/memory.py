@@ -6,20 +6,27 @@ Formulas:
 - stored activations of one layer: Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", Sec. 4 and Table 2, kept as its parts so that
   GQA, SwiGLU, no dropout and fused attention change only the parts they touch;
-- micro-batches in flight on the first stage: p for 1F1B, and the factor
-  (1 + (p-1)/(p v)) for the interleaved schedule (Korthikanti et al. 2022, Sec. 4.2.3).
+- micro-batches in flight on each stage: what the schedule's registry entry declares, e.g.
+  p - stage for 1F1B, and for stage 0 the factor (1 + (p-1)/(p v)) of the interleaved
+  schedule (Korthikanti et al. 2022, Sec. 4.2.3).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from layerwise.planner.bubble import schedule_name
 from layerwise.planner.specs import Layout, ModelSpec, TrainSpec
+from layerwise.schedules import registry
 
 GIB = float(2**30)
 # Fixed per-GPU reserve: CUDA context, cuBLAS/NCCL workspaces, allocator slack (a documented
 # default; measured contexts are 0.5-1 GiB on A100/H100, NCCL and cuBLAS add a few hundred MB).
 RESERVED_GIB = 1.5
+# ZB-H1's memory is modelled as 1F1B's, stage by stage, as in the paper's "same peak memory
+# as 1F1B" and in the numbers the planner was checked with. The zb-h1 generator lets every
+# worker hold up to p micro-batches (its registry entry), so a run's later stages hold more.
+PEAK_AS = {"zb-h1": "1f1b"}
 
 
 @dataclass(frozen=True)
@@ -106,15 +113,13 @@ def layer_activation_bytes(m: ModelSpec, lay: Layout, stored: bool = True) -> fl
 
 
 def inflight_microbatches(lay: Layout, num_microbatches: int, stage: int = 0) -> float:
-    """Returns how many micro-batches' worth of stage activations ``stage`` holds at peak."""
+    """Returns how many micro-batches' worth of stage activations ``stage`` holds at peak:
+    the registry's count of (chunk, micro-batch) activations, a chunk being 1/v of a stage.
+    Interleaved: Megatron's warm-up of (v-1)p + 2(p-1-stage) + 1 chunk-micro-batches, for
+    stage 0 p(1 + (p-1)/(pv)) (Korthikanti Sec. 4.2.3)."""
     p, m, v = lay.pp, num_microbatches, lay.vpp
-    if lay.schedule == "gpipe":
-        return float(m)
-    if v > 1:
-        # Megatron's interleaved warm-up, (v-1)p + 2(p-1-stage) + 1 chunk-micro-batches of
-        # 1/v stage each; for stage 0 this is p(1 + (p-1)/(pv)) (Korthikanti Sec. 4.2.3).
-        return min(((v - 1) * p + 2 * (p - 1 - stage) + 1) / v, float(m))
-    return float(min(p - stage, m))  # 1F1B and ZB-H1 warm up p - stage forwards
+    name = schedule_name(lay.schedule, v)
+    return registry.get(PEAK_AS.get(name, name)).peak_inflight(p, m, v, stage) / v
 
 
 def memory(m: ModelSpec, train: TrainSpec, lay: Layout) -> Memory:

@@ -15,7 +15,16 @@ from typing import TypeVar
 
 from layerwise.planner.evaluate import Evaluation, check_layout, evaluate
 from layerwise.planner.memory import Memory, memory
-from layerwise.planner.specs import RECOMPUTE, ClusterSpec, Layout, ModelSpec, PlanError, TrainSpec
+from layerwise.planner.specs import (
+    DEFAULT_SCHEDULE,
+    RECOMPUTE,
+    ClusterSpec,
+    Layout,
+    ModelSpec,
+    PlanError,
+    TrainSpec,
+    interleavable,
+)
 from layerwise.planner.timing import (
     DEFAULT_CALIBRATION,
     Calibration,
@@ -40,7 +49,7 @@ class Fixed:
     recompute: str | None = None
     zero: int | None = None
     sequence_parallel: bool | None = None
-    schedules: tuple[str, ...] = ("1f1b",)
+    schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,)
 
 
 @dataclass
@@ -87,7 +96,7 @@ def _complete(
     zeros = _pick(fixed.zero, [z for z in range(4) if (dp > 1 or z == 0) and (pp == 1 or z < 2)])
     for mb in _pick(fixed.micro_batch, list(MICRO_BATCHES)):
         for v in vpps:
-            for schedule in fixed.schedules if v == 1 else ("1f1b",):
+            for schedule in fixed.schedules if v == 1 else interleavable():
                 for rec in _pick(fixed.recompute, list(RECOMPUTE)):
                     for zero in zeros:
                         for sp in sps:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from layerwise.schedules import registry
+
 
 class PlanError(ValueError):
     """An input the planner cannot work with; the message says what to change."""
+
+
+DEFAULT_SCHEDULE = "1f1b"
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class Layout:
     recompute: str = "none"  # none | selective | full
     sequence_parallel: bool = False
     zero: int = 0  # 0 none, 1 optimizer states (= distributed optimizer), 2 + grads, 3 + weights
-    schedule: str = "1f1b"  # 1f1b | gpipe | zb-h1 (interleaved when vpp > 1)
+    schedule: str = DEFAULT_SCHEDULE  # one of schedules(); vpp > 1 runs its interleaved form
 
     def describe(self) -> str:
         """Returns a short one-line name such as ``dp8 tp8 pp4 v2 mb1 full sp z1``."""
@@ -167,7 +172,7 @@ class Layout:
         if self.sequence_parallel:
             parts.append("sp")
         parts.append(f"z{self.zero}")
-        if self.schedule != "1f1b":
+        if self.schedule != DEFAULT_SCHEDULE:
             parts.append(self.schedule)
         return " ".join(parts)
 
@@ -175,7 +180,20 @@ class Layout:
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("1f1b", "gpipe", "zb-h1")
+
+
+def schedules() -> tuple[str, ...]:
+    """Returns the schedules a layout may name: the registered ones with one stage per worker,
+    references such as naive left out. The default comes first, so that it wins ties in
+    step time when the search tries them all."""
+    single = [s.name for s in registry.specs() if not s.multi_chunk and not s.reference]
+    return (DEFAULT_SCHEDULE, *(n for n in single if n != DEFAULT_SCHEDULE))
+
+
+def interleavable() -> tuple[str, ...]:
+    """Returns the layout schedules that can run with vpp > 1: those that a registered
+    schedule interleaves (1f1b, run as interleaved-1f1b)."""
+    return tuple(n for n in schedules() if registry.interleaved_form(n) is not None)
 
 
 def _lookup(table: dict[str, object], key: str, what: str) -> object:

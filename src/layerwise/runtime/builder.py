@@ -68,7 +68,6 @@ def make_schedule(
                 f"schedule is for {schedule.num_workers} workers but the group has {num_workers}"
             )
         return schedule
-    chunks = chunks or (2 if schedule.startswith("interleaved") else 1)  # TEMP
     return generate(schedule, num_workers, microbatches, chunks)
 
 

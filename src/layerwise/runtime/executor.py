@@ -29,12 +29,6 @@ LOOKAHEAD = 2  # receives posted this many actions ahead of need
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-def forward_only(like: Schedule) -> Schedule:
-    """``like``'s forwards alone, in the same order on the same workers: inference."""
-    actions = tuple(tuple(a for a in acts if a.kind == "F") for acts in like.actions)
-    return Schedule(f"{like.name} forward", like.num_microbatches, like.stage_worker, actions)
-
-
 @dataclass(frozen=True)
 class Run:
     """What one pass of the loop does: which schedule, and how.

@@ -19,10 +19,10 @@ from torch import nn
 from layerwise.profile import Balance, LayerSpec
 from layerwise.runtime import builder
 from layerwise.runtime.builder import TiedSpec
-from layerwise.runtime.executor import RECOMPUTE_MODES, Executor, Run, forward_only
+from layerwise.runtime.executor import RECOMPUTE_MODES, Executor, Run
 from layerwise.runtime.step import split_batch
 from layerwise.runtime.transport import LOSS_TAG
-from layerwise.schedules import sequential
+from layerwise.schedules import forward_only, sequential
 from layerwise.simulate import Costs, measured_costs
 from layerwise.timeline import Event, Timeline
 

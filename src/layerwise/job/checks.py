@@ -1,0 +1,146 @@
+"""Every flag of ``layerwise train``, checked once in the launcher before any worker starts.
+
+Each problem is one line that says what is wrong and what to do; a bad run fails here, not
+later inside every worker among the launcher's logs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from layerwise.runtime.executor import RECOMPUTE_MODES
+from layerwise.schedules import chunks_for, problems
+
+BALANCE_MODES = ("uniform", "params", "time", "memory")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cpu", "cuda")
+
+
+def parse_balance(text: str, num_layers: int | None = None) -> str | list[int]:
+    """'params' stays a mode; '2,2,1,1' becomes stage sizes (each >= 1, summing to the
+    number of layers when it is given). Raises ValueError naming what to write instead."""
+    text = text.strip()
+    if text in BALANCE_MODES:
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"--balance {text!r}: give a mode ({' | '.join(BALANCE_MODES)}) or layers per stage "
+            f"as whole numbers separated by commas, such as 2,2,1,1"
+        )
+    sizes = [int(p) for p in parts]
+    if min(sizes) < 1:
+        raise ValueError(f"--balance {text!r}: every stage needs at least one layer")
+    if num_layers is not None and sum(sizes) != num_layers:
+        raise ValueError(
+            f"--balance {text!r} gives {sum(sizes)} layers but the model has {num_layers} "
+            f"(the blocks plus the embedding and the head)"
+        )
+    return sizes
+
+
+def _positive(cfg: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"--{name} must be one of {' | '.join(allowed)}, got {value!r}")
+
+
+def check_schedule(
+    name: str, workers: int, microbatches: int, chunks: int | None, num_layers: int
+) -> None:
+    """The schedule suits these sizes (its registry entry's constraints), and its stages
+    (workers x stages per worker) each get at least one layer."""
+    v = chunks_for(name, chunks)
+    found = problems(name, workers, microbatches, v)
+    if found:
+        raise ValueError(f"--schedule {name}: " + "; ".join(found))
+    if workers * v > num_layers:
+        raise ValueError(
+            f"--schedule {name} with {v} stages per worker needs {workers * v} stages but the "
+            f"model has {num_layers} layers; use fewer workers, fewer --chunks or more --layers"
+        )
+
+
+def check_device(device: str, local_workers: int) -> None:
+    """The device exists, with a GPU for each local worker when it is ``cuda``."""
+    _choice(device, "device", DEVICES)
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable GPU; use --device cpu")
+    if torch.cuda.device_count() < local_workers:
+        raise ValueError(
+            f"--device cuda: {local_workers} workers need {local_workers} GPUs but this "
+            f"machine has {torch.cuda.device_count()}; use fewer workers or more machines"
+        )
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory can be created and written; say which part cannot."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the run directory {str(run_dir)!r} ({err.strerror or err}); "
+            f"choose a writable --run-dir"
+        ) from err
+
+
+def check_data(path: str | None) -> None:
+    """The corpus exists and is text (the job reads bytes: a binary file would train)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--data {path!r} does not exist; give a text file or a folder")
+    if p.is_file():
+        with p.open("rb") as f:
+            if b"\0" in f.read(8192):
+                raise ValueError(
+                    f"--data {path!r} is not text (it holds NUL bytes); give a text file or a "
+                    f"folder of text files"
+                )
+
+
+def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> None:
+    """Check every flag of a run before any worker starts; raise ValueError on the first
+    problem. ``num_layers`` counts every layer the partitioner splits."""
+    _positive(cfg, ("workers", "dp", "tp", "microbatches", "chunks", "batch_size", "seq_len",
+                    "steps", "eval_interval", "save_interval", "layers", "d_model", "heads",
+                    "eval_batches"))  # fmt: skip
+    if cfg.zero not in (0, 1):
+        raise ValueError(f"--zero must be 0 or 1, got {cfg.zero}")
+    if cfg.lr <= 0 or cfg.timeout <= 0:
+        raise ValueError(f"--lr and --timeout must be positive, got {cfg.lr} and {cfg.timeout}")
+    _choice(cfg.recompute, "recompute", RECOMPUTE_MODES)
+    check_schedule(cfg.schedule, cfg.workers, cfg.microbatches, cfg.chunks, num_layers)
+    _choice(cfg.precision, "precision", PRECISIONS)
+    parse_balance(cfg.balance, num_layers)
+    per_replica, rest = divmod(cfg.batch_size, cfg.dp)
+    if rest:
+        fits = [b for b in range(cfg.dp, 4 * cfg.dp + 1, cfg.dp)]
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} cannot be shared evenly by --dp {cfg.dp} replicas; "
+            f"use a multiple of {cfg.dp}, such as {fits}"
+        )
+    if per_replica < cfg.microbatches:
+        raise ValueError(
+            f"each replica's {per_replica} sequences cannot be cut into --microbatches "
+            f"{cfg.microbatches}; use at most {per_replica} micro-batches or a larger batch"
+        )
+    check_data(cfg.data)
+    local = local_workers or int(os.environ.get("LOCAL_WORLD_SIZE", cfg.dp * cfg.workers * cfg.tp))
+    check_device(cfg.device, local)
