@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import _workers as w
+import _hybrid_workers as hw
 from layerwise.job.launcher import run_workers
 from layerwise.models.gpt import GPTConfig, GPTFamily
 from layerwise.parallel.mesh import Grid, describe_mesh
@@ -13,9 +13,9 @@ from layerwise.parallel.mesh import Grid, describe_mesh
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(("dp", "tp", "pp"), [(2, 1, 2), (1, 2, 2), (2, 2, 2)])
 def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
-    results = run_workers(w.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
+    results = run_workers(hw.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
     for rank, res in enumerate(results):
-        for case in w.TIED_GPT_CASES:
+        for case in hw.TIED_GPT_CASES:
             assert res[case] == [], f"rank {rank} {case}: {res[case]}"
             if tp > 1:  # the blocks' linears really are split
                 assert res[f"{case} sharded"] > 0
@@ -98,7 +98,7 @@ def test_two_nodes_hybrid_then_resume_on_same_layout_only(tmp_path) -> None:  # 
 
 @pytest.mark.timeout(200)
 def test_tensor_parallel_block_all_reduces_once_per_sub_layer() -> None:
-    counts = run_workers(w.tp_collectives, 2, timeout_s=120)
+    counts = run_workers(hw.tp_collectives, 2, timeout_s=120)
     # attention and MLP: one all-reduce each in forward (row-wise outputs) and in backward
     # (the replicated inputs' gradients)
     assert counts[0] == {"forward": 2, "backward": 2}

@@ -27,8 +27,8 @@ def add_sampling_flags(g: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample on this process's workers: under torchrun this is one; otherwise start them."""
+    from layerwise.job.config import load_config
     from layerwise.job.sampling import sampling_worker
-    from layerwise.job.train import load_config
 
     if under_torchrun():
         return sampling_worker(args)

@@ -45,7 +45,7 @@ FLAGS: dict[str, tuple[type, str]] = {
 
 def add_parser(sub: Any) -> None:
     """Register ``train`` on the ``layerwise`` command."""
-    from layerwise.job.train import TrainConfig
+    from layerwise.job.config import TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -77,7 +77,7 @@ def add_parser(sub: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     """Return (the run's TrainConfig, whether it resumes a saved run); bad sizes and layouts
     raise ValueError here, before any process starts."""
-    from layerwise.job.train import TrainConfig, check_config, load_config
+    from layerwise.job.config import TrainConfig, check_config, load_config
 
     given = {
         k: getattr(args, k) for k in [*FLAGS, "tie_embeddings"] if getattr(args, k) is not None

@@ -124,7 +124,7 @@ def _num_layers(cfg: dict[str, Any]) -> int:
     field are GPT runs, and keys that are not TrainConfig fields are left out."""
     from dataclasses import fields
 
-    from layerwise.job.train import TrainConfig
+    from layerwise.job.config import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     run = TrainConfig(**{k: v for k, v in cfg.items() if k in known})

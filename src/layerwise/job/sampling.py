@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from layerwise.job import checkpoints as ckpt
 from layerwise.job.checks import parse_balance
+from layerwise.job.config import load_config
 from layerwise.job.data import decode, encode
-from layerwise.job.train import load_config
 from layerwise.runtime.pipeline import Pipeline
 
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from layerwise.job import checkpoints as ckpt
-from layerwise.job.checks import check_run, parse_balance
+from layerwise.job.checks import parse_balance
+from layerwise.job.config import TrainConfig
 from layerwise.job.console import Console, Scalars
 from layerwise.job.data import Batcher, load_splits
 from layerwise.job.guard import StepGuard
@@ -32,7 +33,6 @@ from layerwise.job.rundir import (
     write_pictures,
     write_summary,
 )
-from layerwise.models.family import ModelFamily, get_family
 from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Grid, build_mesh
 from layerwise.parallel.zero import ShardedOptimizer
@@ -41,98 +41,6 @@ from layerwise.runtime.transport import PeerError
 from layerwise.schedules import alternatives, generate
 from layerwise.simulate import simulate
 from layerwise.timeline import Timeline
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as config.json and reloaded by --resume."""
-
-    workers: int = 4  # the pipeline degree (pp)
-    dp: int = 1
-    tp: int = 1
-    zero: int = 0  # 1: shard optimizer state across data-parallel replicas
-    schedule: str = "1f1b"
-    microbatches: int = 8
-    chunks: int | None = None
-    balance: str = "params"
-    recompute: str = "never"  # activation recomputation (Pipeline's ``recompute``)
-    precision: str = "fp32"
-    model: str = "gpt"  # a model family's name (models.family); older config.json files: gpt
-    layers: int = 4
-    d_model: int = 128
-    heads: int = 4
-    seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 400
-    lr: float = 3e-3
-    warmup: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    tie_embeddings: bool = False
-    run_dir: str = ""
-    device: str = "cpu"
-    data: str | None = None
-    data_bytes: int = 4_000_000
-    eval_interval: int = 50
-    eval_batches: int = 4
-    save_interval: int = 100
-    max_nonfinite: int = 3
-    timeout: float = 120.0
-
-    def family(self) -> ModelFamily:
-        """Return the model this run trains: its family, built from the run's sizes."""
-        return get_family(
-            self.model,
-            seq_len=self.seq_len,
-            d_model=self.d_model,
-            n_layers=self.layers,
-            n_heads=self.heads,
-            tie_embeddings=self.tie_embeddings,
-            seed=self.seed,
-        )
-
-    def grid(self) -> Grid:
-        return Grid(dp=self.dp, pp=self.workers, tp=self.tp)
-
-    def layout(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the saved one."""
-        keys = (
-            "workers",
-            "dp",
-            "tp",
-            "zero",
-            "schedule",
-            "microbatches",
-            "chunks",
-            "model",
-            "layers",
-            "d_model",
-            "heads",
-            "seq_len",
-            "batch_size",
-            "tie_embeddings",
-            "balance",
-        )
-        return {k: getattr(self, k) for k in keys}
-
-
-def load_config(run_dir: str | Path) -> TrainConfig:
-    """Read a run's ``config.json`` (runs saved before ``recompute`` had its name included)."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no run: {path} is missing")
-    saved = json.loads(path.read_text())
-    if "checkpoint" in saved:
-        saved["recompute"] = saved.pop("checkpoint")
-    return TrainConfig(**saved)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ValueError if the model's sizes or the layout cannot run; no process needed."""
-    family = cfg.family()
-    check_run(cfg, family.num_layers)
-    family.check(cfg.grid())
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sampling_flags(sub.add_parser("generate"))
     args = parser.parse_args(argv)
     if args.job == "train":
-        from layerwise.job.train import load_config, train_worker
+        from layerwise.job.config import load_config
+        from layerwise.job.train import train_worker
 
         cfg = load_config(args.run_dir)
         cfg.run_dir = args.run_dir
