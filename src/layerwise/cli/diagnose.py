@@ -1,4 +1,5 @@
-"""``layerwise diagnose``: explain where a finished run's time went, and what to change."""
+"""``layerwise diagnose``: explain where a finished run's time went, and what to change; for
+an unfinished run, what it has done so far and how to finish it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     """Register ``diagnose`` on the ``layerwise`` command."""
-    d = sub.add_parser("diagnose", help="explain where a finished run's time went")
+    d = sub.add_parser(
+        "diagnose",
+        help="explain where a finished run's time went (or what an unfinished one has done)",
+    )
     d.add_argument("run_dir")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the report of the run in ``args.run_dir``; return the exit code."""
     from layerwise.job.diagnose import diagnose, render
 
     report = diagnose(Path(args.run_dir))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
 from layerwise.job.launcher import relaunch, under_torchrun
@@ -25,15 +27,48 @@ def add_sampling_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Raise ValueError (FileNotFoundError for a missing run or checkpoint) saying what to
+    give instead, before any worker starts."""
+    from layerwise.job.sampling import prompt_bytes
+
+    prompt_bytes(args.prompt)
+    if args.tokens < 0:
+        raise ValueError(f"--tokens must be 0 or more, got {args.tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(
+            f"--temperature must be 0 (always the likeliest byte) or more, got {args.temperature}"
+        )
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (no cut) or more, got {args.top_k}")
+    _check_checkpoint(Path(args.run_dir))
+
+
+def _check_checkpoint(run_dir: Path) -> None:
+    """Raise FileNotFoundError unless ``run_dir`` holds a run with a saved checkpoint."""
+    from layerwise.job.config import load_config
+
+    load_config(run_dir)  # names the directory if it holds no run
+    # the pointer to the latest checkpoint is written only once a checkpoint is complete
+    pointer = run_dir / "checkpoints" / "latest.json"
+    if not pointer.exists():
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoint yet (one is saved every --save-interval steps and "
+            f"at the end); train it further with 'layerwise train --resume {run_dir}'"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample on this process's workers: under torchrun this is one; otherwise start them."""
     from layerwise.job.config import load_config
     from layerwise.job.sampling import sampling_worker
 
+    check_sampling(args)
     if under_torchrun():
         return sampling_worker(args)
     cfg = load_config(args.run_dir)
-    argv = ["generate", args.run_dir, "--prompt", args.prompt, "--tokens", str(args.tokens),
+    # '--prompt=' keeps a prompt that starts with '-' from reading as a flag
+    argv = ["generate", args.run_dir, f"--prompt={args.prompt}", "--tokens", str(args.tokens),
             "--temperature", str(args.temperature), "--top-k", str(args.top_k),
             "--seed", str(args.seed)]  # fmt: skip
     return relaunch(cfg.workers, argv)

@@ -34,6 +34,8 @@ from layerwise.planner.specs import (
 from layerwise.planner.timing import DEFAULT_CALIBRATION, Calibration
 
 ARCH = ("layers", "hidden", "heads", "kv_heads", "ffn", "seq", "vocab")
+# The small model ``plan --local`` measures when no size is given.
+LOCAL_MODEL = {"layers": 8, "hidden": 256, "heads": 4, "seq": 128}
 GPU_FIELDS = ("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps", "network_gbps")
 
 
@@ -107,9 +109,9 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     )
     per_node = args.gpus_per_node
     if args.gpus is None:
-        return ClusterSpec(gpu, per_node, args.nodes or 1)
-    if args.gpus < per_node:
-        return ClusterSpec(gpu, args.gpus, 1)
+        return ClusterSpec(gpu, per_node, 1 if args.nodes is None else args.nodes)
+    if args.gpus < per_node or per_node < 1:  # the spec rejects a node without GPUs
+        return ClusterSpec(gpu, min(args.gpus, per_node), 1)
     if args.gpus % per_node:
         raise PlanError(
             f"--gpus {args.gpus} is not a whole number of nodes of {per_node} GPUs "
@@ -121,7 +123,7 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
 def train_from_args(args: argparse.Namespace, gpus: int) -> TrainSpec:
     """Returns the training settings (global batch defaults to 8 sequences per GPU)."""
     return TrainSpec(
-        global_batch=args.global_batch or 8 * gpus,
+        global_batch=8 * gpus if args.global_batch is None else args.global_batch,
         precision=args.precision,
         optimizer=args.optimizer,
         fp32_grads=args.fp32_grads,
@@ -138,23 +140,35 @@ def _calibration(args: argparse.Namespace) -> Calibration:
     return cal
 
 
+def fixed_from_args(args: argparse.Namespace) -> Fixed:
+    """Returns the degrees and choices the flags pin; raises PlanError on a degree below 1."""
+    return Fixed(
+        dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp, micro_batch=args.micro_batch,
+        recompute=args.recompute, zero=args.zero, sequence_parallel=args.sequence_parallel,
+        schedules=schedules() if args.schedule == "all" else (args.schedule,),
+    )  # fmt: skip
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     model, cluster = model_from_args(args), cluster_from_args(args)
     train = train_from_args(args, cluster.gpus)
-    if args.tp is None or args.pp is None or args.micro_batch is None:
+    fixed = fixed_from_args(args)
+    if fixed.tp is None or fixed.pp is None or fixed.micro_batch is None:
         raise PlanError("'plan evaluate' needs --tp, --pp and --micro-batch")
-    if cluster.gpus % (args.tp * args.pp):
-        raise PlanError(f"{cluster.gpus} GPUs are not divisible by tp x pp = {args.tp} x {args.pp}")
+    if cluster.gpus % (fixed.tp * fixed.pp):
+        raise PlanError(
+            f"{cluster.gpus} GPUs are not divisible by tp x pp = {fixed.tp} x {fixed.pp}"
+        )
     lay = Layout(
-        dp=args.dp or cluster.gpus // (args.tp * args.pp),
-        tp=args.tp,
-        pp=args.pp,
-        micro_batch=args.micro_batch,
-        vpp=args.vpp or 1,
-        recompute=args.recompute or "none",
-        sequence_parallel=bool(args.sequence_parallel),
-        zero=args.zero or 0,
-        schedule=schedules()[0] if args.schedule == "all" else args.schedule,
+        dp=fixed.dp or cluster.gpus // (fixed.tp * fixed.pp),
+        tp=fixed.tp,
+        pp=fixed.pp,
+        micro_batch=fixed.micro_batch,
+        vpp=fixed.vpp or 1,
+        recompute=fixed.recompute or "none",
+        sequence_parallel=bool(fixed.sequence_parallel),
+        zero=fixed.zero or 0,
+        schedule=fixed.schedules[0],
     )
     ev = evaluate(model, cluster, train, lay, _calibration(args))
     print(json.dumps(ev.to_json(), indent=2) if args.json else render_evaluation(ev, cluster))
@@ -164,11 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     model, cluster = model_from_args(args), cluster_from_args(args)
     train = train_from_args(args, cluster.gpus)
-    fixed = Fixed(
-        dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp, micro_batch=args.micro_batch,
-        recompute=args.recompute, zero=args.zero, sequence_parallel=args.sequence_parallel,
-        schedules=schedules() if args.schedule == "all" else (args.schedule,),
-    )  # fmt: skip
+    fixed = fixed_from_args(args)
     result = plan(model, cluster, train, fixed, top=args.top, cal=_calibration(args))
     if args.json:
         print(json.dumps([ev.to_json() for ev in result.ranked], indent=2))
@@ -177,9 +187,18 @@ def _search(args: argparse.Namespace) -> int:
     return 0 if result.ranked else 2
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Raises PlanError for a count flag below 1 that no spec holds (the specs check their
+    own fields when they are built)."""
+    for flag, value in (("--gpus", args.gpus), ("--top", args.top), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise PlanError(f"{flag} must be at least 1, got {value}")
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Runs ``layerwise plan``; returns the exit code (1 on bad input, 2 if nothing fits)."""
     try:
+        check_counts(args)
         if args.local:
             if args.schedule == "all":
                 raise PlanError(f"--local simulates one schedule at a time, not {args.schedule!r}")
@@ -194,10 +213,17 @@ def run_local(args: argparse.Namespace) -> int:
     """Runs ``layerwise plan --local`` with small defaults; returns the exit code."""
     from layerwise.planner.local import predict_local  # torch is imported only here
 
+    def size(name: str) -> int:
+        value = getattr(args, name)
+        return LOCAL_MODEL[name] if value is None else int(value)
+
+    # building the spec checks the sizes before anything is measured
+    model = ModelSpec("local", size("layers"), size("hidden"), size("heads"), size("seq"), 256)
+    train = TrainSpec(16 if args.global_batch is None else args.global_batch)
+    micro_batch = fixed_from_args(args).micro_batch or 2
     rows = predict_local(
-        layers=args.layers or 8, hidden=args.hidden or 256, heads=args.heads or 4,
-        seq=args.seq or 128, micro_batch=args.micro_batch or 2,
-        global_batch=args.global_batch or 16, workers=args.workers,
+        layers=model.layers, hidden=model.hidden, heads=model.heads, seq=model.seq,
+        micro_batch=micro_batch, global_batch=train.global_batch, workers=args.workers,
         schedule=args.schedule or schedules()[0],
     )  # fmt: skip
     if args.json:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from layerwise.cli.schedule_flags import chunks_help, schedule_help, schedule_options
-from layerwise.schedules import Schedule, chunks_for, generate, get, names, problems, specs
+from layerwise.schedules import (
+    Schedule,
+    ScheduleError,
+    chunks_for,
+    from_csv,
+    from_text,
+    generate,
+    get,
+    names,
+    problems,
+    specs,
+)
 from layerwise.simulate import Costs, simulate
 from layerwise.timeline import Timeline, render_ascii, render_png, write_chrome_trace
 
@@ -48,6 +60,76 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--schedule-file", help="simulate a schedule from a text/CSV file instead")
     p.set_defaults(func=run_simulate)
+
+
+# The narrowest chart that still shows each worker's row and the time axis's end label.
+MIN_WIDTH = 20
+SCHEDULE_FILE_FORMS = (
+    "text ('worker 0: 0F0 0B0 ...', as to_text writes) or CSV (one row per worker)"
+)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Raise ValueError, naming the flag and what to give instead, for sizes and times that
+    cannot describe a step: counts below 1, stage times that are not positive, a weight
+    gradient that is not a part of the backward, a chart too narrow to draw."""
+    for flag, value in (("--workers", args.workers), ("--microbatches", args.microbatches)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--fwd", args.fwd), ("--bwd", args.bwd)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{flag} {value:g}: a stage's compute time must be a positive number of "
+                f"time units, such as 1"
+            )
+    if not (math.isfinite(args.comm) and args.comm >= 0):
+        raise ValueError(f"--comm {args.comm:g}: the send time must be 0 or more")
+    if args.wgrad is not None and not (0 < args.wgrad < args.bwd):
+        raise ValueError(
+            f"--wgrad {args.wgrad:g}: the weight-gradient part of the backward must be more "
+            f"than 0 and less than --bwd {args.bwd:g} (the input gradient is the rest); "
+            f"leave it out for bwd/2 = {args.bwd / 2:g}"
+        )
+    if args.width < MIN_WIDTH:
+        raise ValueError(
+            f"--width {args.width} is too narrow to draw a chart; use at least {MIN_WIDTH} "
+            f"characters"
+        )
+
+
+def _is_text(data: bytes) -> bool:
+    """Return whether ``data`` is UTF-8 without NUL bytes (NUL, though valid UTF-8, marks a
+    binary file and never appears in a schedule)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in data
+
+
+def read_schedule_file(path: str) -> Schedule:
+    """Return the validated schedule in the text or CSV file ``path``; raise
+    FileNotFoundError or ValueError naming the file and what is wrong with it."""
+    file = Path(path)
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"--schedule-file {path!r} {what}; give a schedule file in {SCHEDULE_FILE_FORMS}"
+        )
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read --schedule-file {path!r} ({err.strerror or err})") from None
+    if not _is_text(data):
+        raise ValueError(
+            f"--schedule-file {path!r} is not a schedule text/CSV file (it holds binary "
+            f"data); give a file in {SCHEDULE_FILE_FORMS}"
+        )
+    text = data.decode("utf-8")
+    try:
+        return from_text(text) if "worker" in text else from_csv(text)
+    except ScheduleError as err:
+        raise ValueError(f"--schedule-file {path!r}: {err}") from None
 
 
 def _simulate_one(name: str, args: argparse.Namespace, chunks: int | None) -> Timeline:
@@ -94,7 +176,9 @@ def _metrics(tl: Timeline, ideal: float) -> dict[str, object]:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Print the Gantt chart and metrics of one schedule, or a comparison of all."""
+    """Print the Gantt chart and metrics of one schedule, or a comparison of all; return
+    the exit code. Raise ValueError (or FileNotFoundError) on input that cannot be run."""
+    check_flags(args)
     ideal = args.microbatches * (args.fwd + args.bwd)
     if args.compare:
         kept, left_out = _comparable(args)
@@ -134,10 +218,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             print(f"({name} left out: {why})")
         return 0
     if args.schedule_file:
-        from layerwise.schedules import from_csv, from_text
-
-        text = Path(args.schedule_file).read_text()
-        schedule = from_text(text) if "worker" in text else from_csv(text)
+        schedule = read_schedule_file(args.schedule_file)
         tl = _simulate_schedule(schedule, args)
         ideal = schedule.num_microbatches * (args.fwd + args.bwd)
     else:
@@ -155,7 +236,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             tl,
             args.width,
             title=(
-                f"{tl.meta['schedule']}: {args.workers} workers, "
+                f"{tl.meta['schedule']}: {tl.num_workers} workers, "
                 f"{tl.meta['microbatches']} micro-batches "
                 f"(F=forward, B=backward, I/W=input/weight gradient, '.'=idle)"
             ),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.runtime.executor import RECOMPUTE_MODES
-from layerwise.schedules import chunks_for, problems
+from layerwise.schedules import chunks_for, get, problems, specs
 
 BALANCE_MODES = ("uniform", "params", "time", "memory")
 PRECISIONS = ("fp32", "bf16")
@@ -59,15 +59,33 @@ def check_schedule(
 ) -> None:
     """The schedule suits these sizes (its registry entry's constraints), and its stages
     (workers x stages per worker) each get at least one layer."""
+    _check_chunks(name, chunks)
     v = chunks_for(name, chunks)
     found = problems(name, workers, microbatches, v)
     if found:
         raise ValueError(f"--schedule {name}: " + "; ".join(found))
     if workers * v > num_layers:
+        per_worker = "1 stage" if v == 1 else f"{v} stages"
         raise ValueError(
-            f"--schedule {name} with {v} stages per worker needs {workers * v} stages but the "
-            f"model has {num_layers} layers; use fewer workers, fewer --chunks or more --layers"
+            f"--schedule {name} with {per_worker} per worker needs {workers * v} stages of at "
+            f"least one layer, but the model has {num_layers} layers (the count includes the "
+            f"embedding and the head); use at most {num_layers // v} workers, fewer --chunks "
+            f"or more --layers"
         )
+
+
+def _check_chunks(name: str, chunks: int | None) -> None:
+    """``--chunks`` is one the schedule allows; the message says what to run instead."""
+    spec = get(name)
+    problem = None if chunks is None else spec.chunks_problem(chunks)
+    if problem is None:
+        return
+    if spec.multi_chunk:
+        advice = f"use --chunks {spec.allowed_chunks()}"
+    else:
+        multi = ", ".join(s.name for s in specs() if s.multi_chunk)
+        advice = f"leave --chunks out, or use a schedule with several stages per worker: {multi}"
+    raise ValueError(f"--chunks {chunks}: {problem}; {advice}")
 
 
 def check_device(device: str, local_workers: int) -> None:

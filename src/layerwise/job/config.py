@@ -90,7 +90,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     """Read a run's ``config.json`` (runs saved before ``recompute`` had its name included)."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no run: {path} is missing")
+        raise FileNotFoundError(
+            f"{run_dir} holds no run: {path} is missing; give a directory that "
+            f"'layerwise train' wrote (its --run-dir)"
+        )
     saved = json.loads(path.read_text())
     if "checkpoint" in saved:
         saved["recompute"] = saved.pop("checkpoint")

@@ -3,6 +3,8 @@
 Reads ``config.json``, ``metrics.jsonl`` and ``timeline.json`` (the last step, measured, and
 its simulated twin) from a run directory. Suggestions are ranked by the step time the
 simulator predicts for them, using the stage times and hand-off latency the run measured.
+A run without ``timeline.json`` has not finished: its report (``job.progress``) says what it
+has done and how to finish it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from layerwise.job.progress import health, progress, read_config, read_metrics, render_progress
 from layerwise.partition import partition
 from layerwise.schedules import alternatives, chunks_for, generate, get, problems
 from layerwise.simulate import Costs, measured_costs, simulate
@@ -87,7 +90,7 @@ def suggestions(
             )
         if cfg.get("recompute", cfg.get("checkpoint", "never")) == "never":
             add(
-                "--checkpoint always (only if memory-bound)",
+                "--recompute always (only if memory-bound)",
                 predict(
                     cfg["schedule"], p, m, 1, fwd, [b + f for f, b in zip(fwd, bwd, strict=True)]
                 ),
@@ -132,9 +135,13 @@ def _num_layers(cfg: dict[str, Any]) -> int:
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
-    """Return the report of a finished run as a JSON-ready dict."""
-    cfg = json.loads((run_dir / "config.json").read_text())
-    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    """Return the report of a run as a JSON-ready dict: where a finished run's time went, or
+    (``finished`` False) what an unfinished one has done. Raises FileNotFoundError if
+    ``run_dir`` is not a run directory."""
+    cfg = read_config(run_dir)
+    metrics, unreadable = read_metrics(run_dir)
+    if not (run_dir / "timeline.json").exists():
+        return progress(run_dir, cfg, metrics, unreadable)
     data = json.loads((run_dir / "timeline.json").read_text())
     measured = Timeline.from_json(data["measured"])
     stages = int(measured.meta.get("stages", measured.num_workers))
@@ -154,6 +161,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     prediction = json.loads(before.read_text()) if before.exists() else None
     return {
         "run_dir": str(run_dir),
+        "finished": True,
         "config": {
             k: cfg.get(k)
             for k in ("workers", "schedule", "microbatches", "chunks", "layers", "recompute")
@@ -183,8 +191,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         "measured_step_s": measured.makespan(),
         "predicted_step_s": simulated.makespan(),
         "predicted_before_training_s": prediction["predicted_step_s"] if prediction else None,
-        "nonfinite_steps": [r["step"] for r in metrics if "skipped" in r],
-        "loss_spikes": [{"step": r["step"], "what": r["spike"]} for r in metrics if "spike" in r],
+        **health(metrics),
         "suggestions": (
             suggestions(
                 {**cfg, "stage_sizes": measured.meta.get("stage_sizes")},
@@ -202,6 +209,8 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     """Return the report as text for a terminal."""
+    if not report.get("finished", True):
+        return render_progress(report)
     c = report["config"]
     lines = [
         f"run {report['run_dir']}: {c['workers']} workers, {c['schedule']}, "

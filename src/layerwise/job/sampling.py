@@ -22,6 +22,26 @@ from layerwise.job.data import decode, encode
 from layerwise.runtime.pipeline import Pipeline
 
 
+def prompt_bytes(prompt: str) -> bytes:
+    """Return the bytes the model reads for ``prompt``; raise ValueError if there are none.
+    The model is byte-level, so a command-line prompt that is not valid UTF-8 (its bad bytes
+    arrive in argv as surrogate escapes) is taken byte for byte, as the shell gave it."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one character with --prompt")
+    try:
+        return prompt.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"the prompt holds {prompt[err.start]!r} at position {err.start}, which is neither "
+            f"a character nor a raw byte; give text or bytes"
+        ) from None
+
+
+def prompt_tokens(prompt: str) -> torch.Tensor:
+    """Return the byte tokens of ``prompt`` (see :func:`prompt_bytes`) as a (1, n) tensor."""
+    return encode(prompt_bytes(prompt)).unsqueeze(0)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
     """Return one token drawn from the last position's ``logits`` (greedy if temperature <= 0)."""
     last = logits[0, -1].float()
@@ -58,7 +78,7 @@ def sampling_worker(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
         ckpt.load(path, pipe.module(), None)
         pipe.eval()
-        tokens = encode(args.prompt).unsqueeze(0)
+        tokens = prompt_tokens(args.prompt)
         gen = torch.Generator().manual_seed(args.seed)
         last_rank = dist.get_world_size() - 1
         for _ in range(args.tokens):

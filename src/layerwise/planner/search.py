@@ -51,6 +51,22 @@ class Fixed:
     sequence_parallel: bool | None = None
     schedules: tuple[str, ...] = (DEFAULT_SCHEDULE,)
 
+    def __post_init__(self) -> None:
+        """Raises PlanError for a pinned degree below 1 or an unknown ZeRO stage."""
+        pinned = {k: getattr(self, k) for k in ("dp", "tp", "pp", "vpp", "micro_batch")}
+        for name, value in pinned.items():
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise PlanError(
+                    f"{flag} must be at least 1, got {value}; give 1 or more, or leave it out "
+                    f"for the search to choose"
+                )
+        if self.zero not in (None, 0, 1, 2, 3):
+            raise PlanError(
+                f"--zero must be 0, 1, 2 or 3, got {self.zero}; leave it out for the search "
+                f"to choose"
+            )
+
 
 @dataclass
 class PlanResult:

@@ -8,6 +8,7 @@ compute TFLOP/s (1e12 FLOP/s).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from layerwise.schedules import registry
@@ -18,6 +19,45 @@ class PlanError(ValueError):
 
 
 DEFAULT_SCHEDULE = "1f1b"
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _flag(field: str) -> str:
+    """Returns the ``layerwise plan`` flag that sets ``field`` (they share their names)."""
+    return "--" + field.replace("_", "-")
+
+
+def check_fields(
+    spec: object,
+    at_least_one: tuple[str, ...] = (),
+    not_negative: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+) -> None:
+    """Raises PlanError naming the first field of ``spec`` (and its flag) that is out of range:
+    whole counts below 1 or below 0, or quantities that are not positive and finite. Every
+    spec checks its own fields here when it is built, so no bad size reaches the formulas."""
+    what = type(spec).__name__
+    for name in at_least_one:
+        value = getattr(spec, name)
+        if value < 1:
+            raise PlanError(
+                f"{what}.{name} must be at least 1, got {value}; set {_flag(name)} to 1 or more"
+            )
+    for name in not_negative:
+        value = getattr(spec, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise PlanError(
+                f"{what}.{name} must be 0 or more, got {value}; set {_flag(name)} to 0 or more"
+            )
+    for name in positive:
+        value = getattr(spec, name)
+        if not (math.isfinite(value) and value > 0):
+            raise PlanError(
+                f"{what}.{name} must be a positive number, got {value}; set {_flag(name)} "
+                f"to one above 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -37,6 +77,15 @@ class ModelSpec:
     learned_positions: bool = True  # GPT-style position table of seq x hidden
     dropout: bool = True  # dropout masks are stored activations (Korthikanti et al. 2022)
     flash_attention: bool = False  # fused attention: no s^2 activations are stored
+
+    def __post_init__(self) -> None:
+        """Raises PlanError for a size below 1 or heads that the KV heads do not divide."""
+        check_fields(self, ("layers", "hidden", "heads", "seq", "vocab"), ("kv_heads", "ffn"))
+        if self.heads % self.kv:
+            raise PlanError(
+                f"{self.heads} attention heads cannot be shared by {self.kv} key/value heads; "
+                f"set --kv-heads to a divisor of --heads {self.heads}"
+            )
 
     @property
     def kv(self) -> int:
@@ -104,6 +153,11 @@ class GPUSpec:
     nvlink_gbps: float  # per-GPU, one direction, inside a node
     network_gbps: float  # per-GPU share of the inter-node network, one direction
 
+    def __post_init__(self) -> None:
+        """Raises PlanError for a rate or capacity that is not a positive number."""
+        check_fields(self, positive=("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps",
+                                     "network_gbps"))  # fmt: skip
+
 
 GPU_PRESETS: dict[str, GPUSpec] = {
     g.name: g
@@ -128,6 +182,15 @@ class ClusterSpec:
     gpus_per_node: int = 8
     nodes: int = 1
 
+    def __post_init__(self) -> None:
+        """Raises PlanError for a cluster without GPUs."""
+        if self.gpus_per_node < 1 or self.nodes < 1:
+            raise PlanError(
+                f"a cluster needs at least one node of at least one GPU, got {self.nodes} "
+                f"node(s) of {self.gpus_per_node} GPUs; set --gpus-per-node and --nodes (or "
+                f"--gpus) to 1 or more"
+            )
+
     @property
     def gpus(self) -> int:
         """Returns the total number of GPUs."""
@@ -147,6 +210,18 @@ class TrainSpec:
     # Megatron-2021 reduced gradients after the pipeline flush; newer stacks overlap the
     # reduction with the last micro-batch's backward.
     overlap_grad_reduce: bool = True
+
+    def __post_init__(self) -> None:
+        """Raises PlanError for an empty batch or an unknown precision or optimizer."""
+        check_fields(self, ("global_batch",))
+        if self.precision not in PRECISIONS:
+            raise PlanError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer}"
+            )
 
 
 @dataclass(frozen=True)
@@ -175,11 +250,6 @@ class Layout:
         if self.schedule != DEFAULT_SCHEDULE:
             parts.append(self.schedule)
         return " ".join(parts)
-
-
-RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("bf16", "fp16", "fp32")
-OPTIMIZERS = ("adam", "sgd")
 
 
 def schedules() -> tuple[str, ...]:

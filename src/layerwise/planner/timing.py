@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerwise.planner.memory import layer_activation_bytes, layer_params
-from layerwise.planner.specs import ClusterSpec, Layout, ModelSpec, TrainSpec
+from layerwise.planner.specs import ClusterSpec, Layout, ModelSpec, TrainSpec, check_fields
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ class Calibration:
     # A fused Adam step reads and writes about 32 bytes per parameter (fp32 master, m, v,
     # gradient in; master, m, v and the 16-bit copy out), at HBM speed.
     optimizer_bytes_per_param: float = 32.0
+
+    def __post_init__(self) -> None:
+        """Raises PlanError for an efficiency or traffic that cannot be a rate."""
+        # only these two can be set from the command line; the others are fixed defaults
+        check_fields(self, positive=("matmul_efficiency",), not_negative=("elementwise_traffic",))
 
 
 DEFAULT_CALIBRATION = Calibration()

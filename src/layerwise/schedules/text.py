@@ -61,36 +61,65 @@ def _build(
     return schedule
 
 
-def _parse_row(items: Iterable[str], worker: int) -> list[Action]:
+def _parse_row(items: Iterable[str], worker: int, lineno: int) -> list[Action]:
+    """Return the actions of one worker's row; raise ScheduleError naming the line, the
+    worker and the position of a token that is not an action."""
     row = []
-    for i, tok in enumerate(t for t in items if t.strip()):
+    for i, tok in enumerate(t.strip() for t in items if t.strip()):
         try:
             row.append(Action.parse(tok))
         except ValueError as err:
-            raise ScheduleError(f"worker {worker}, position {i}: {err}") from None
+            raise ScheduleError(f"line {lineno}: worker {worker}, position {i}: {err}") from None
     return row
 
 
+def _whole_number(text: str, what: str, lineno: int) -> int:
+    """Return ``text`` as an int; raise ScheduleError naming the line if it is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ScheduleError(f"line {lineno}: {what} must be a whole number, got {text!r}") from None
+
+
+def _header(
+    line: str, lineno: int, name: str, m: int | None, placement: list[int] | None
+) -> tuple[str, int | None, list[int] | None]:
+    """Return (name, micro-batches, placement) as the ``key=value`` fields of the ``#`` line
+    set them; a comment without such fields changes nothing."""
+    fields = dict(f.split("=", 1) for f in line[1:].split() if "=" in f)
+    if "microbatches" in fields:
+        m = _whole_number(fields["microbatches"], "microbatches", lineno)
+    if "placement" in fields:
+        placement = [
+            _whole_number(x, "each placement entry", lineno) for x in fields["placement"].split(",")
+        ]
+    return fields.get("schedule", name), m, placement
+
+
 def from_text(text: str) -> Schedule:
-    """Parse :func:`to_text` output (or hand-written rows ``worker N: ...``) and validate it."""
+    """Parse :func:`to_text` output (or hand-written rows ``worker N: ...``) and validate it.
+    Raises ScheduleError naming the line of anything that does not parse."""
     name, m, placement = "custom", None, None
     rows: dict[int, list[Action]] = {}
+    first_line: dict[int, int] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if line.startswith("#"):
-            fields = dict(f.split("=", 1) for f in line[1:].split() if "=" in f)
-            name = fields.get("schedule", name)
-            m = int(fields["microbatches"]) if "microbatches" in fields else m
-            if "placement" in fields:
-                placement = [int(x) for x in fields["placement"].split(",")]
+            name, m, placement = _header(line, lineno, name, m, placement)
             continue
         if not line:
             continue
         head, sep, body = line.partition(":")
         if not sep or not head.strip().lower().startswith("worker"):
             raise ScheduleError(f"line {lineno}: expected 'worker N: 0F0 0F1 ...', got {raw!r}")
-        worker = int(head.split()[-1])
-        rows[worker] = _parse_row(body.split(), worker)
+        worker = _whole_number(head.strip()[len("worker") :].strip(), "the worker number", lineno)
+        if worker in first_line:
+            raise ScheduleError(
+                f"line {lineno}: worker {worker} already has a row (line {first_line[worker]}); "
+                f"give each worker one line"
+            )
+        first_line[worker] = lineno
+        rows[worker] = _parse_row(body.split(), worker, lineno)
     if sorted(rows) != list(range(len(rows))):
         raise ScheduleError(f"workers must be numbered 0..N-1, got {sorted(rows)}")
     return _build(name, [rows[w] for w in range(len(rows))], m, placement)
@@ -106,6 +135,11 @@ def to_csv(schedule: Schedule) -> str:
 
 
 def from_csv(text: str, name: str = "custom") -> Schedule:
-    """Parse :func:`to_csv` output (row w = worker w's actions) and validate it."""
-    rows = [_parse_row(r, w) for w, r in enumerate(csv.reader(io.StringIO(text))) if any(r)]
+    """Parse :func:`to_csv` output (row w = worker w's actions) and validate it. Raises
+    ScheduleError naming the line of a cell that is not an action."""
+    reader = csv.reader(io.StringIO(text))
+    rows: list[list[Action]] = []
+    for r in reader:
+        if any(cell.strip() for cell in r):
+            rows.append(_parse_row(r, len(rows), reader.line_num))
     return _build(name, rows, None, None)
