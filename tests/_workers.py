@@ -377,5 +377,17 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
     return out
 
 
+def one_run(rank: int, world: int, run_dir: str, data: str) -> str:
+    """One short 1F1B run with four micro-batches on this world size; returns its directory."""
+    from layerwise.job.config import TrainConfig
+    from layerwise.job.train import train
+
+    cfg = TrainConfig(workers=world, layers=2, d_model=32, heads=2, seq_len=16, batch_size=8,
+                      steps=3, eval_interval=3, save_interval=3, data=data, warmup=1,
+                      microbatches=4, balance="uniform", run_dir=run_dir)  # fmt: skip
+    train(cfg)
+    return run_dir
+
+
 def big_result(rank: int, world: int) -> bytes:
     return bytes(2**20)  # larger than a pipe buffer: must not block the worker's exit

@@ -15,6 +15,7 @@ import pytest
 
 import _workers as w
 from _nodes import tiny_model, train_on_two_nodes
+from layerwise.cli import main
 from layerwise.job.launcher import describe_failures, run_workers
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
@@ -66,6 +67,25 @@ def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: P
     assert set(prediction["same_stages_other_schedules_s"]) == {"gpipe", "1f1b", "zb-h1"}
     assert report["predicted_before_training_s"] == prediction["predicted_step_s"]
     assert "predicted before training (calibrate)" in text
+
+
+@pytest.mark.timeout(300)
+def test_two_runs_side_by_side_attribute_the_difference(tmp_path: Path, corpus: Path) -> None:
+    from layerwise.job.compare import PARTS, compare, render_comparison
+
+    a = run_workers(w.one_run, 2, str(tmp_path / "p2"), str(corpus), timeout_s=200)[0]
+    b = run_workers(w.one_run, 4, str(tmp_path / "p4"), str(corpus), timeout_s=200)[0]
+    report = compare(Path(a), Path(b))
+    for run in report["runs"]:  # each run's parts add up to its measured median step
+        assert sum(run["parts_s"].values()) == pytest.approx(run["step_s"], rel=1e-9)
+    parts = report["attribution_per_token_s"]
+    assert set(parts) == set(PARTS)
+    assert sum(parts.values()) == pytest.approx(report["difference_per_token_s"], rel=1e-9)
+    bubbles = [r["parts_s"]["bubble"] / r["step_s"] for r in report["runs"]]
+    assert bubbles[1] > bubbles[0] > 0  # four workers fill and drain a longer pipeline
+    text = render_comparison(report)
+    assert "measured difference" in text and "4 workers 1f1b m=4" in text
+    assert main(["diagnose", a, b]) == 0
 
 
 def _cli(*args: str) -> list[str]:
