@@ -12,6 +12,8 @@ from layerwise.schedules import (
     from_csv,
     from_text,
     generate,
+    get,
+    problems,
     sequential,
     stream_order_problems,
     to_csv,
@@ -19,13 +21,21 @@ from layerwise.schedules import (
     validate,
 )
 
+
+def _chunk_counts(name: str) -> tuple[int, ...]:
+    """1 to 3 stages per worker for schedules that hold several by default, else the one."""
+    spec = get(name)
+    tried = (1, 2, 3) if spec.chunks_default > 1 else (spec.chunks_default,)
+    return tuple(v for v in tried if spec.allows_chunks(v))
+
+
 CASES = [
     (name, p, m, v)
     for name in SCHEDULE_NAMES
     for p in (1, 2, 3, 4, 8)
     for m in (1, 2, 3, 4, 8, 16)
-    for v in ((1, 2, 3) if name == "interleaved-1f1b" else (1,))
-    if name != "interleaved-1f1b" or m % p == 0
+    for v in _chunk_counts(name)
+    if not problems(name, p, m, v)  # e.g. interleaved needs m % p == 0
 ]
 
 
@@ -38,7 +48,7 @@ def test_generators_are_valid_and_round_trip(name: str, p: int, m: int, v: int) 
     assert schedule.num_microbatches == m
     assert from_text(to_text(schedule)) == schedule
     assert from_csv(to_csv(schedule), name=name).actions == schedule.actions
-    per_mb = 3 if name == "zb-h1" else 2
+    per_mb = 3 if get(name).split_backward else 2
     assert sum(len(a) for a in schedule.actions) == per_mb * p * v * m
 
 
@@ -145,3 +155,14 @@ def test_sequential_runs_one_micro_batch_through_the_same_stages() -> None:
         per_stage = ["F", "I", "W"] if like.split_stages else ["B", "F"]
         assert kinds == sorted(per_stage * like.num_stages)
         assert from_text(to_text(seq)).actions == seq.actions
+
+
+def test_messages_per_step_count_the_hand_offs_between_workers() -> None:
+    # p - 1 boundaries, each crossed once forward and once backward per micro-batch
+    assert generate("1f1b", 4, 8).messages == 2 * 3 * 8
+    assert generate("interleaved-1f1b", 4, 8, 2).messages == 2 * 7 * 8
+    assert generate("gpipe", 1, 4).messages == 0
+    local = Schedule("local", 1, (0, 0, 1), ((Action(0, "F", 0), Action(1, "F", 0),
+                     Action(1, "B", 0), Action(0, "B", 0)), (Action(2, "F", 0),
+                     Action(2, "B", 0))))  # fmt: skip
+    assert local.messages == 2  # stages 0 and 1 share a worker: only 1 <-> 2 is a message

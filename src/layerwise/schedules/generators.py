@@ -78,19 +78,39 @@ def one_f_one_b(num_workers: int, num_microbatches: int) -> Schedule:
     return plain("1f1b", m, lists)
 
 
-def _not_a_multiple(p: int, m: int, v: int) -> str:
-    below, above = max(p, (m // p) * p), (m // p + 1) * p
-    tries = f"m={below}" if below == above else f"m={below} or m={above}"
-    return (
-        f"interleaved-1f1b needs the number of micro-batches to be a multiple of the number "
-        f"of workers (got m={m}, p={p}); try {tries}"
-    )
+def multiple_of_workers(name: str) -> Constraint:
+    """Return the constraint m % p == 0 of schedule ``name``, whose message names the two
+    nearest numbers of micro-batches that would do."""
+
+    def message(p: int, m: int, v: int) -> str:
+        below, above = max(p, (m // p) * p), (m // p + 1) * p
+        tries = f"m={below}" if below == above else f"m={below} or m={above}"
+        return (
+            f"{name} needs the number of micro-batches to be a multiple of the number "
+            f"of workers (got m={m}, p={p}); try {tries}"
+        )
+
+    return Constraint("m % p == 0", lambda p, m, v: m % p == 0, message)
 
 
 # Micro-batches go through a worker's chunks in groups of p.
-MICROBATCHES_MULTIPLE_OF_WORKERS = Constraint(
-    "m % p == 0", lambda p, m, v: m % p == 0, _not_a_multiple
-)
+MICROBATCHES_MULTIPLE_OF_WORKERS = multiple_of_workers("interleaved-1f1b")
+
+
+def interleaved_unit(p: int, v: int, k: int, backward: bool) -> tuple[int, int]:
+    """Return (chunk, micro-batch) of a worker's k-th forward (or backward) in interleaved
+    order: p micro-batches through chunk 0, the same p through chunk 1, ..., then the next
+    p; backwards take the chunks in reverse. Needs m to be a multiple of p."""
+    chunk = (k // p) % v
+    if backward:
+        chunk = v - 1 - chunk
+    return chunk, (k // (p * v)) * p + k % p
+
+
+def interleaved_warmup(p: int, v: int, w: int) -> int:
+    """Return how many forwards worker w runs before its first backward in interleaved 1F1B
+    (Megatron's (v-1)p + 2(p-1-w)), before capping at the m*v it has in all."""
+    return (v - 1) * p + 2 * (p - 1 - w)
 
 
 def interleaved_1f1b(num_workers: int, num_microbatches: int, chunks: int = 2) -> Schedule:
@@ -104,19 +124,11 @@ def interleaved_1f1b(num_workers: int, num_microbatches: int, chunks: int = 2) -
     p, m, v = num_workers, num_microbatches, chunks
     MICROBATCHES_MULTIPLE_OF_WORKERS.check(p, m, v)
     total = m * v
-
-    def unit(k: int, backward: bool) -> tuple[int, int]:
-        # The k-th forward (or backward) of a worker: which chunk, which micro-batch.
-        chunk = (k // p) % v
-        if backward:
-            chunk = v - 1 - chunk
-        return chunk, (k // (p * v)) * p + k % p
-
     lists: list[list[Action]] = []
     for w in range(p):
-        warmup = min((p - w - 1) * 2 + (v - 1) * p, total)
-        fwd = [unit(k, False) for k in range(total)]
-        bwd = [unit(k, True) for k in range(total)]
+        warmup = min(interleaved_warmup(p, v, w), total)
+        fwd = [interleaved_unit(p, v, k, False) for k in range(total)]
+        bwd = [interleaved_unit(p, v, k, True) for k in range(total)]
         acts = [Action(c * p + w, "F", mb) for c, mb in fwd[:warmup]]
         for k in range(total - warmup):
             c, mb = fwd[warmup + k]

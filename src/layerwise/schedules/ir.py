@@ -102,6 +102,20 @@ class Schedule:
 
         return tuple(execution_order(self))
 
+    @cached_property
+    def messages(self) -> int:
+        """Point-to-point messages in one step: an activation for every forward whose next
+        stage is on another worker, and a gradient for every backward (B or I) whose
+        previous stage is. (A message of several tensors counts once.)"""
+        sw, last = self.stage_worker, self.num_stages - 1
+        count = 0
+        for acts in self.actions:
+            for a in acts:
+                forward = a.kind == "F" and a.stage < last and sw[a.stage + 1] != sw[a.stage]
+                back = a.kind in ("B", "I") and a.stage > 0 and sw[a.stage - 1] != sw[a.stage]
+                count += forward or back
+        return count
+
     def splits_backward(self, stage: int) -> bool:
         """Return True if ``stage`` runs its backward as I then W rather than one B."""
         return stage in self.split_stages
