@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from layerwise.schedules import names, problems
+
 _OVERSHOOT = [2e-4]  # running estimate of how late time.sleep wakes up, in seconds
 
 
@@ -41,26 +43,25 @@ def sleep_until(deadline: float) -> None:
 
 
 class _Sleep(torch.autograd.Function):
-    """``x + b`` whose forward takes ``fwd_s`` seconds and whose backward ``bwd_s``.
+    """Identity whose forward ends at ``deadline`` and whose backward takes ``bwd_s`` seconds.
 
-    The backward returns the gradient of ``x`` and of ``b``. Whatever real work the op does
-    (the add, the sum that reduces the gradient of ``b``) counts inside the fixed time.
-    """
+    It hands back its input, marked as changed in place: no copy, so that the layer's only
+    real work is the add before it, and not a view either (torch's pipelining detaches a
+    stage's outputs in place, which a view refuses). No parameter reaches this node
+    directly (see ``SleepLayer``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, b: torch.Tensor, fwd_s: float, bwd_s: float) -> Any:
-        t0 = time.perf_counter()
+    def forward(ctx: Any, z: torch.Tensor, deadline: float, bwd_s: float) -> Any:
         ctx.bwd_s = bwd_s
-        out = x + b
-        sleep_until(t0 + fwd_s)
-        return out
+        ctx.mark_dirty(z)
+        sleep_until(deadline)
+        return z
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         t0 = time.perf_counter()
-        grad_b = grad.sum().reshape(1)
         sleep_until(t0 + ctx.bwd_s)
-        return grad, grad_b, None, None
+        return grad, None, None
 
 
 class _WeightSleep(torch.autograd.Function):
@@ -87,18 +88,26 @@ class _SleepWeight(nn.Module):
         self.bwd_s = bwd_s
 
     def forward(self) -> torch.Tensor:
-        return _WeightSleep.apply(self.weight, self.bwd_s)  # type: ignore[no-any-return]
+        return _WeightSleep.apply(self.weight, self.bwd_s)
 
 
 class SleepLayer(nn.Module):
     """A layer with a fixed cost: forward ``fwd_ms``, backward ``bwd_ms``, using no CPU.
 
-    ``y = x + w`` with a one-element parameter ``w``. The backward is split where a
-    zero-bubble runtime splits it: the input gradient (I, what the previous stage waits for)
-    costs ``bwd_ms * (1 - w_share)`` and sits in ``_Sleep.backward``; the weight gradient
-    (W) costs ``bwd_ms * w_share`` and sits in ``_WeightSleep.backward``, the only node
-    between the parameter and the output of ``_SleepWeight``, the sub-module that owns it.
-    A full backward (B) runs both nodes, ``bwd_ms`` in all.
+    ``y = x + w`` with a one-element parameter ``w``, as three autograd nodes:
+    ``_Sleep(x + _WeightSleep(w))``. The backward is split where a zero-bubble runtime
+    splits it: the input gradient (I, what the previous stage waits for) costs
+    ``bwd_ms * (1 - w_share)`` and sits in ``_Sleep.backward``, above the add; the weight
+    gradient (W) costs ``bwd_ms * w_share`` and sits in ``_WeightSleep.backward``, the only
+    node between the parameter and the output of ``_SleepWeight``, the sub-module that owns
+    it. A full backward (B) runs both nodes, ``bwd_ms`` in all. The forward's fixed time
+    includes the add; the backward's does not include the add's backward (passing the
+    gradient on, and summing it for ``w``: one pass over the activation).
+
+    Why three nodes: layerwise's W starts from the output of the parameter's module, while
+    torch.distributed.pipelining's W starts from the first node where the weight's path
+    meets the input's (here the add) and runs that node's backward again. Were the I sleep
+    in that node, torch's W would sleep I + W.
     """
 
     def __init__(self, fwd_ms: float, bwd_ms: float, w_share: float = 0.5) -> None:
@@ -107,13 +116,57 @@ class SleepLayer(nn.Module):
         self.i_s = bwd_ms * (1 - w_share) / 1000
         self.bias = _SleepWeight(bwd_ms * w_share / 1000)
 
+    @classmethod
+    def with_split(cls, fwd_ms: float, input_ms: float, weight_ms: float) -> SleepLayer:
+        """Return a layer whose backward is I = ``input_ms`` then W = ``weight_ms``
+        (a full backward: their sum), e.g. W shorter than I as in most real layers."""
+        if input_ms < 0 or weight_ms < 0 or input_ms + weight_ms <= 0:
+            raise ValueError(
+                f"need input_ms >= 0 and weight_ms >= 0, not both 0; "
+                f"got input_ms={input_ms}, weight_ms={weight_ms}"
+            )
+        return cls(fwd_ms, input_ms + weight_ms, w_share=weight_ms / (input_ms + weight_ms))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.bias(), self.fwd_s, self.i_s)  # type: ignore[no-any-return]
+        deadline = time.perf_counter() + self.fwd_s
+        return _Sleep.apply(x + self.bias(), deadline, self.i_s)
 
 
 def sleep_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A loss whose cost is one reduction over the output (no extra copy of a large output)."""
     return (out.mean() - target.mean()) ** 2
+
+
+# -- which schedules -------------------------------------------------------------------------
+
+# The schedules added with the V placement and the split-backward generators; "new" on the
+# command line picks these (those registered: auto may be missing from a checkout).
+NEW_SCHEDULES = (
+    "looped-bfs", "interleaved-zb", "zb-h2", "zb-v", "v-half", "v-min", "dualpipe-v", "auto",
+)  # fmt: skip
+SCHEDULE_GROUPS = ("all", "new")
+
+
+def pick_schedules(chosen: Sequence[str]) -> list[str]:
+    """Expand ``--schedules`` (registered names, "all", "new") into registered names, in
+    registry order, each once."""
+    registered = names()
+    wanted: set[str] = set()
+    for name in chosen:
+        if name == "all":
+            wanted.update(registered)
+        elif name == "new":
+            wanted.update(n for n in NEW_SCHEDULES if n in registered)
+        else:
+            wanted.add(name)
+    return [n for n in registered if n in wanted]
+
+
+def size_problem(schedule: str, p: int, m: int, chunks: int | None = None) -> str | None:
+    """Return the registry's own message for why ``schedule`` cannot run p workers with m
+    micro-batches (e.g. interleaved's m % p == 0), or None if it can."""
+    found = problems(schedule, p, m, chunks)
+    return "; ".join(found) if found else None
 
 
 # -- timing -----------------------------------------------------------------------------------

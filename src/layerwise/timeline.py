@@ -109,6 +109,42 @@ class Timeline:
             peak = max(peak, current)
         return peak
 
+    def _stage_count(self) -> int:
+        """Return the number of stages: the simulator's ``meta['stages']`` if recorded, else
+        one more than the highest stage any compute event names."""
+        if "stages" in self.meta:
+            return int(self.meta["stages"])
+        return 1 + max((e.stage for e in self.events if e.kind in COMPUTE_KINDS), default=-1)
+
+    def peak_activation_memory(
+        self, worker: int, stage_sizes: Sequence[float] | None = None
+    ) -> float:
+        """Return the most activation memory ``worker`` held at once, in units of a whole
+        1F1B stage's activations for one micro-batch.
+
+        A (stage, micro-batch) is held over the same interval as in :meth:`peak_inflight`,
+        and weighs ``stage_sizes[stage]``. By default every stage weighs
+        ``num_workers / num_stages``: with v stages per worker a stage is 1/v of a worker's
+        layers, so a chunk of a two-chunk placement counts one half and every worker's
+        stages together weigh 1, which keeps caps comparable across placements.
+        """
+        if stage_sizes is None:
+            n = self._stage_count()
+            stage_sizes = [self.num_workers / n] * n if n else []
+        deltas: list[tuple[float, int, float]] = []
+        for e in self.events:
+            if e.worker != worker:
+                continue
+            if e.kind == "F":
+                deltas.append((e.start, 1, stage_sizes[e.stage]))
+            elif e.kind in ("B", "W"):  # a split backward releases at the end of its W
+                deltas.append((e.end, 0, -stage_sizes[e.stage]))
+        peak = current = 0.0
+        for _, _, d in sorted(deltas):  # releases (0) sort before acquires at the same instant
+            current += d
+            peak = max(peak, current)
+        return peak
+
     def summary(self) -> dict[str, Any]:
         """Return the metrics as a JSON-ready dict."""
         return {
@@ -123,6 +159,7 @@ class Timeline:
                     "idle_fraction": self.idle_fraction(w),
                     "comm_wait": self.comm_wait(w),
                     "peak_inflight": self.peak_inflight(w),
+                    "peak_activation_memory": self.peak_activation_memory(w),
                 }
                 for w in range(self.num_workers)
             ],

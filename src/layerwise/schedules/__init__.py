@@ -5,6 +5,7 @@ per schedule and the registry that says what each schedule needs.
 - ``validate``: what each action waits for, the structure and deadlock checks;
 - ``text``: ``to_text``/``from_text``, ``to_csv``/``from_csv``;
 - ``generators``, ``zero_bubble``: the built-in schedules, each registered next to itself;
+- ``auto``: :func:`synthesize`, a schedule searched for given stage costs under a memory cap;
 - ``registry``: :class:`ScheduleSpec` per schedule, ``generate`` by name.
 
 Imports without torch.
@@ -16,6 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from layerwise.schedules import registry
+from layerwise.schedules.auto import synthesize
+from layerwise.schedules.breadth_first import looped_bfs
+from layerwise.schedules.dualpipe import dualpipe_v
 from layerwise.schedules.generators import (
     forward_only,
     gpipe,
@@ -43,13 +47,14 @@ from layerwise.schedules.registry import (
     unregister,
 )
 from layerwise.schedules.text import from_csv, from_text, to_csv, to_text
+from layerwise.schedules.v_shape import v_half, v_min, zb_v
 from layerwise.schedules.validate import (
     dependencies,
     execution_order,
     stream_order_problems,
     validate,
 )
-from layerwise.schedules.zero_bubble import zb_h1
+from layerwise.schedules.zero_bubble import interleaved_zb, zb_h1, zb_h2
 
 __all__ = [
     "GENERATORS",
@@ -66,6 +71,7 @@ __all__ = [
     "alternatives",
     "chunks_for",
     "dependencies",
+    "dualpipe_v",
     "execution_order",
     "forward_only",
     "from_csv",
@@ -76,6 +82,8 @@ __all__ = [
     "gpipe",
     "interleaved_1f1b",
     "interleaved_form",
+    "interleaved_zb",
+    "looped_bfs",
     "naive",
     "names",
     "one_f_one_b",
@@ -86,11 +94,16 @@ __all__ = [
     "specs",
     "stage_worker",
     "stream_order_problems",
+    "synthesize",
     "to_csv",
     "to_text",
     "unregister",
+    "v_half",
+    "v_min",
     "validate",
     "zb_h1",
+    "zb_h2",
+    "zb_v",
 ]
 
 # Views of the registry, computed each time they are read, so that a schedule registered
