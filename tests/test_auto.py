@@ -3,6 +3,8 @@ measure they are held to (``Timeline.peak_activation_memory``)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import layerwise as lw
@@ -204,3 +206,46 @@ def test_auto_is_registered_and_generated_by_name() -> None:
     assert max(tl.peak_activation_memory(w) for w in range(4)) <= 4.0
     two = lw.generate("auto", 2, 4, 2)
     assert two.stage_worker == (0, 1, 0, 1) and two.chunks == 2
+
+
+def test_diagnose_suggests_auto_when_the_search_beats_the_run() -> None:
+    from layerwise.job.diagnose import suggestions
+
+    cfg = {"workers": 4, "microbatches": 8, "schedule": "1f1b", "batch_size": 8, "layers": 2,
+           "stage_sizes": [1, 1, 1, 1]}  # fmt: skip
+    fwd, bwd = [0.01, 0.01, 0.03, 0.01], [0.02, 0.02, 0.06, 0.02]  # a heavy third stage
+    current = simulate(generate("1f1b", 4, 8), Costs.per_stage(fwd, bwd)).makespan()
+    found = [s for s in suggestions(cfg, fwd, bwd, current) if "auto" in s["change"]]
+    assert len(found) == 1 and found[0]["change"] == "--schedule auto --memory-cap 4"
+    assert found[0]["predicted_step_s"] < 0.99 * current
+
+
+def test_simulate_auto_with_stage_times_and_a_cap(capsys: pytest.CaptureFixture[str]) -> None:
+    from layerwise.cli import main
+
+    uneven = ["--fwd", "1,1,2,1", "--bwd", "2,2,4,2"]
+    assert main(["simulate", "--schedule", "auto", *uneven, "--memory-cap", "2", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert all(w["peak_activation_memory"] <= 2 for w in auto["workers"])
+    assert main(["simulate", "--schedule", "1f1b", *uneven, "--json"]) == 0
+    one_f_one_b = json.loads(capsys.readouterr().out)
+    assert auto["makespan"] < one_f_one_b["makespan"]  # faster at half of 1F1B's memory
+    assert main(["simulate", "--compare", *uneven, "--memory-cap", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "peak mem." in text and "messages" in text
+    assert "gpipe" in text.split("over the cap")[0]  # gpipe holds 8: marked
+    assert "(zb-v left out: it has 8 stages, not the 4 times given)" in text
+
+
+def test_simulate_rejects_stage_times_that_do_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    from layerwise.cli import main
+
+    assert main(["simulate", "--fwd", "1,2", "--bwd", "2,2,2"]) == 2
+    assert "different numbers of stages" in capsys.readouterr().err
+    assert main(["simulate", "--fwd", "1,2"]) == 2
+    assert "gives 2 stage times but the schedule has 4 stages" in capsys.readouterr().err
+    assert main(["simulate", "--schedule", "auto", "--memory-cap", "0.5"]) == 2
+    assert "smallest feasible cap" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--fwd", "1,x"])
+    assert "give a time such as 1.5" in capsys.readouterr().err

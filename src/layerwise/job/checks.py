@@ -144,6 +144,12 @@ def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> No
     if cfg.lr <= 0 or cfg.timeout <= 0:
         raise ValueError(f"--lr and --timeout must be positive, got {cfg.lr} and {cfg.timeout}")
     _choice(cfg.recompute, "recompute", RECOMPUTE_MODES)
+    cap = getattr(cfg, "memory_cap", None)
+    if cap is not None and (cfg.schedule != "auto" or not cap > 0):
+        raise ValueError(
+            f"--memory-cap {cap:g}: give it with --schedule auto, as a number above 0 "
+            f"(micro-batches of one whole stage's activations per worker)"
+        )
     check_schedule(cfg.schedule, cfg.workers, cfg.microbatches, cfg.chunks, num_layers)
     _choice(cfg.precision, "precision", PRECISIONS)
     parse_balance(cfg.balance, num_layers)

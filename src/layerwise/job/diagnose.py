@@ -60,7 +60,14 @@ def suggestions(
                 "smaller micro-batches shrink the fill and drain bubble (p-1)/(m+p-1)",
             )
         for name in _other_schedules(cfg["schedule"], p, m):
+            if name == "auto":
+                continue  # searched below for the measured costs, not the registry's equal ones
             add(f"--schedule {name}", predict(name, p, m, 1, fwd, bwd), get(name).description)
+        searched = _searched(cfg, p, m, fwd, bwd, latency)
+        if searched is not None and searched[0] < 0.99 * current:
+            add(f"--schedule auto --memory-cap {searched[1]:g}", searched[0],
+                "a schedule searched for these measured stage times, holding no more "
+                "activations than the run's schedule")  # fmt: skip
         if not problems("interleaved-1f1b", p, m, 2) and _num_layers(cfg) >= 2 * p:
             add(
                 "--schedule interleaved-1f1b --chunks 2",
@@ -97,6 +104,27 @@ def suggestions(
                 "recomputing each forward during backward frees stashed activations but costs time",
             )
     return sorted(out, key=lambda s: s["predicted_step_s"])
+
+
+def _searched(
+    cfg: dict[str, Any], p: int, m: int, fwd: list[float], bwd: list[float], latency: float
+) -> tuple[float, float] | None:
+    """(predicted step, memory cap) of ``auto`` searched for the measured costs under the
+    run's own peak activation memory; None where it does not apply."""
+    from layerwise.schedules import synthesize
+
+    try:
+        current = generate(cfg["schedule"], p, m, 1)
+    except ValueError:
+        return None
+    costs = Costs.per_stage(fwd, bwd, comm_latency=latency)
+    now = simulate(current, costs)
+    cap = max(now.peak_activation_memory(w) for w in range(p))
+    try:
+        found = synthesize(costs, p, m, cap, placement="looped", chunks=1, time_limit_s=1.0)
+    except ValueError:
+        return None
+    return simulate(found, costs).makespan(), cap
 
 
 def _other_schedules(current: str, p: int, m: int) -> list[str]:

@@ -1,0 +1,59 @@
+"""``--schedule auto`` in the training job: a schedule searched for this run's own stages.
+
+The pipeline starts with the registry's ``auto`` (equal stages), is calibrated on the first
+batch, and then adopts the order :func:`layerwise.schedules.synthesize` finds for the
+measured costs under ``--memory-cap``. The first worker searches and sends the result to
+the others (a search with a time limit need not end the same way on every process), and
+the order is kept as ``schedule.txt`` in the run directory, so that a resumed run goes on
+with exactly the same one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from layerwise.runtime.pipeline import Pipeline
+from layerwise.schedules import Schedule, from_text, synthesize, to_text
+from layerwise.simulate import Costs
+
+SCHEDULE_FILE = "schedule.txt"
+
+
+def memory_cap(cap: float | None, workers: int, microbatches: int) -> float:
+    """The cap to search under: the one given, or 1F1B's peak (the smaller of p and m)."""
+    return cap if cap is not None else float(min(workers, microbatches))
+
+
+def adopt_searched(pipe: Pipeline, costs: Costs, cap: float | None, run_dir: Path) -> Schedule:
+    """Search a schedule for ``costs`` on the pipeline's stages, share it from the first
+    worker, switch the pipeline to it and save it in ``run_dir`` (collective)."""
+    sched = pipe.schedule
+    box: list[Any] = [None]
+    if pipe.worker == 0:
+        found = synthesize(costs, sched.num_workers, sched.num_microbatches,
+                           memory_cap(cap, sched.num_workers, sched.num_microbatches),
+                           placement="looped", chunks=sched.chunks)  # fmt: skip
+        box[0] = to_text(found)
+        (run_dir / SCHEDULE_FILE).write_text(box[0])
+    if pipe.num_workers > 1:
+        first = dist.get_global_rank(pipe.group, 0) if pipe.group is not None else 0
+        dist.broadcast_object_list(box, src=first, group=pipe.group)
+    chosen = from_text(box[0])
+    pipe.reschedule(chosen)
+    return chosen
+
+
+def adopt_saved(pipe: Pipeline, run_dir: Path) -> Schedule:
+    """Switch a resumed pipeline to the schedule its run searched before (collective)."""
+    path = run_dir / SCHEDULE_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{run_dir} trained with --schedule auto but its {SCHEDULE_FILE} is missing; "
+            f"start a new run"
+        )
+    chosen = from_text(path.read_text())
+    pipe.reschedule(chosen)
+    return chosen
