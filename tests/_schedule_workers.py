@@ -4,6 +4,8 @@ spawn can import them). They reuse the model, the reference and the comparison o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import layerwise as lw
@@ -42,4 +44,44 @@ def new_schedule_cases(rank: int, world: int) -> dict[str, list[str]]:
                         loss = pipe.train_step(x if first else None, y if last else None)
                         errors = compare(pipe, loss, ref_loss, ref_grads)
                     results[case_name(schedule, m, recompute, p2p)] = errors
+    results.update(auto_cases(world, x, y, ref_loss, ref_grads))
+    return results
+
+
+def auto_case_names(world: int) -> list[str]:
+    """The auto cases: by name, and searched for uneven costs (looped and V placement)."""
+    return [
+        f"auto {kind} m={m} {recompute}"
+        for kind in ("by name", "looped", "v")
+        for m in (world, 2 * world, 4 * world)
+        for recompute in ("never", "except_last")
+    ]
+
+
+def auto_cases(
+    world: int, x: torch.Tensor, y: torch.Tensor, ref_loss: float, ref_grads: list[torch.Tensor]
+) -> dict[str, list[str]]:
+    """Schedules searched by ``auto`` train exactly like single-process training: the
+    registry's, and ones searched for a heavy stage under a tight cap, in both placements."""
+    from layerwise.schedules import synthesize
+    from layerwise.simulate import Costs
+
+    results: dict[str, list[str]] = {}
+    for kind in ("by name", "looped", "v"):
+        for m in (world, 2 * world, 4 * world):
+            schedule: Any = "auto"
+            if kind != "by name":
+                stages = 2 * world  # two stages per worker
+                fwd = [1.0 + (s == 1) for s in range(stages)]
+                costs = Costs.per_stage(fwd, [2 * f for f in fwd])
+                schedule = synthesize(costs, world, m, 1.5, placement=kind, chunks=2,
+                                      time_limit_s=None)  # fmt: skip
+            for recompute in ("never", "except_last"):
+                with lw.Pipeline(mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse,
+                                 recompute=recompute, p2p="channels") as pipe:  # fmt: skip
+                    loss = pipe.train_step(x if pipe.is_first else None,
+                                           y if pipe.is_last else None)  # fmt: skip
+                    results[f"auto {kind} m={m} {recompute}"] = compare(
+                        pipe, loss, ref_loss, ref_grads
+                    )
     return results

@@ -193,7 +193,7 @@ def test_training_matches_single_process(trained: tuple[int, list[dict[str, list
         for m in (world, 2 * world, 4 * world)
         for recompute in sw.RECOMPUTE
         for p2p in sw.TRANSPORTS
-    ]
+    ] + sw.auto_case_names(world)
     for rank, res in enumerate(results):
         assert sorted(res) == sorted(expected)
         for case in expected:
