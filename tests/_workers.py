@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import layerwise as lw
+from _safety_workers import safety_cases
 from layerwise.models.gpt import GPTConfig, build_gpt, gpt_layers, loss_fn, tied_parameter_names
 
 D = 8
@@ -208,6 +210,7 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     results["channels new shapes"] = compare(pipe, loss, ref_loss, ref_grads)
     results["channels groups"] = len(pipe.transport.channels)
     results["calibrate"] = calibrate_cases(world, x, y)
+    results.update(safety_cases(rank, world, reference, compare))
     return results
 
 
@@ -362,7 +365,7 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
         balance="uniform",
     )
     out: dict[str, Any] = {}
-    layouts = [("1f1b", 4), ("gpipe", 2), ("zb-h1", 8)] if world > 1 else [("1f1b", 1)]
+    layouts = [("1f1b", 4), ("gpipe", 2), ("zb-h1", 8), ("auto", 4)] if world > 1 else [("1f1b", 1)]
     for schedule, m in layouts:
         cfg = TrainConfig(
             **base, schedule=schedule, microbatches=m, run_dir=f"{run_root}/{schedule}{world}"
@@ -374,6 +377,13 @@ def train_cases(rank: int, world: int, run_root: str, data: str) -> dict[str, An
         train(cut)
         train(TrainConfig(**base, run_dir=f"{run_root}/resumed"), resume=True)
         out["resumed"] = cut.run_dir
+        # a searched schedule is saved with the run and taken up again on resume
+        auto = {**base, "schedule": "auto", "microbatches": 4, "memory_cap": 1.5}
+        train(TrainConfig(**{**auto, "steps": 2}, run_dir=f"{run_root}/auto-cut"))
+        out["auto searched"] = Path(run_root, "auto-cut", "schedule.txt").read_text()
+        train(TrainConfig(**auto, run_dir=f"{run_root}/auto-cut"), resume=True)
+        train(TrainConfig(**auto, run_dir=f"{run_root}/auto-whole"))
+        out["auto resumed"] = (f"{run_root}/auto-cut", f"{run_root}/auto-whole")
     return out
 
 

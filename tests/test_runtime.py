@@ -5,6 +5,8 @@ Each multi-process test spawns one process group and checks many cases inside it
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -204,3 +206,88 @@ def test_worker_errors_are_collected() -> None:
 @pytest.mark.timeout(120)
 def test_large_results_come_back() -> None:
     assert run_workers(w.big_result, 2, timeout_s=30) == [bytes(2**20)] * 2
+
+
+@pytest.mark.timeout(300)
+def test_side_floats_get_no_gradient_and_shared_parameters_are_tied(
+    equivalence: tuple[int, list[dict]],
+) -> None:
+    _, results = equivalence
+    cases = [k for k in results[0] if k.startswith(("float side input", "shared parameter"))]
+    assert len(cases) == 4
+    for rank, res in enumerate(results):
+        for case in cases:
+            assert res[case] == [], f"worker {rank}, {case}: {res[case]}"
+
+
+def test_side_floats_handed_over_on_one_worker_get_no_gradient() -> None:
+    from _safety_workers import mask_layers
+
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    ref_loss, ref_grads = w.reference(mask_layers(), x, y, w.mse)
+    # interleaved on one worker: two stages, handed over without the transport
+    pipe = lw.Pipeline(mask_layers(), schedule="interleaved-1f1b", microbatches=2, loss_fn=w.mse)
+    loss = pipe.train_step(x, y)
+    assert w.compare(pipe, loss, ref_loss, ref_grads) == []
+    second = pipe.stages[1].layers[0]
+    assert second.mask_needed_grad == [False, False]
+
+
+def test_same_parameter_in_two_layers_is_tied() -> None:
+    from layerwise.runtime.builder import all_ties, shared_parameters
+
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    b.weight = a.weight
+    layers = [a, nn.Tanh(), b]
+    assert shared_parameters(layers) == [(0, "weight", 2, "weight")]
+    assert all_ties(layers, [(2, "weight", 0, "weight")]) == [(2, "weight", 0, "weight")]
+    assert all_ties(layers, []) == [(0, "weight", 2, "weight")]
+    assert shared_parameters([a, lambda: b]) == []  # factories build their own
+
+
+def test_world_size_without_a_process_group_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE is 4 .*init_process_group"):
+        lw.Pipeline([nn.Linear(2, 2)], loss_fn=w.mse)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    lw.Pipeline([nn.Linear(2, 2)], loss_fn=w.mse)
+
+
+class Broken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("broken on purpose")
+
+
+def test_a_failing_stage_names_the_layer_inside_it() -> None:
+    layers = [nn.Linear(4, 4), nn.Tanh(), Broken(), nn.Linear(4, 4)]
+    pipe = lw.Pipeline(layers, schedule="gpipe", microbatches=1, loss_fn=w.mse)
+    with pytest.raises(RuntimeError, match=r"stage 0 \(layers 0-3\) failed on micro-batch 0.*"
+                       r"in layer 2 \(Broken\): ValueError: broken on purpose"):  # fmt: skip
+        pipe.train_step(torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_loss_reduction_weighs_micro_batches_by_tokens() -> None:
+    from layerwise.runtime.executor import micro_batch_weight
+
+    targets = torch.tensor([[1, 2, -100], [-100, -100, 3]])
+    assert micro_batch_weight("rows", targets) == 2
+    assert micro_batch_weight("tokens", targets) == 3
+    assert micro_batch_weight(lambda t: 7.0, targets) == 7.0
+
+    def token_mean(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 5)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 5, (4, 3))
+    y[0, :2] = y[1, :] = -100  # the micro-batches count 4 and 6 tokens (one counts none)
+    expected = token_mean(layer(x), y)
+    expected.backward()
+    for m in (2, 4):
+        pipe = lw.Pipeline([copy.deepcopy(layer)], microbatches=m, loss_fn=token_mean,
+                           loss_reduction="tokens")  # fmt: skip
+        assert abs(pipe.train_step(x, y) - expected.item()) < 1e-6
+        (_, weight), _ = pipe.named_parameters()
+        torch.testing.assert_close(weight.grad, layer.weight.grad)
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        lw.Pipeline([nn.Linear(2, 2)], loss_reduction="samples")

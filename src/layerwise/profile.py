@@ -44,7 +44,17 @@ def is_meta(module: nn.Module) -> bool:
 
 
 def materialize(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Allocate a meta module on ``device`` and initialize it with its own reset_parameters."""
+    """Allocate a meta module on ``device`` and initialize it; return it.
+
+    A module with a ``materialize(device)`` method of its own does it that way (a library's
+    own initialization, or reading a checkpoint); others get their ``reset_parameters``."""
+    own = getattr(module, "materialize", None)
+    if callable(own):
+        built = own(device)
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"{type(module).__name__}.materialize returned "
+                            f"{type(built).__name__}, expected nn.Module")  # fmt: skip
+        return built
     module = module.to_empty(device=device)
     for sub in module.modules():
         reset = getattr(sub, "reset_parameters", None)

@@ -170,8 +170,27 @@ def read_schedule_file(path: str) -> Schedule:
 
 
 def _simulate_one(name: str, args: argparse.Namespace, chunks: int | None) -> Timeline:
+    if name == "auto":  # searched for the costs given, not the registry's equal stages
+        return _simulate_schedule(auto_schedule(args, chunks), args)
     schedule = generate(name, args.workers, args.microbatches, chunks_for(name, chunks))
     return _simulate_schedule(schedule, args)
+
+
+def auto_schedule(args: argparse.Namespace, chunks: int | None) -> Schedule:
+    """The schedule ``auto`` finds for the given stage costs under ``--memory-cap`` (default
+    1F1B's peak: the smaller of p and m)."""
+    from layerwise.schedules import synthesize
+
+    given = {len(v) for v in (args.fwd, args.bwd, args.wgrad or ()) if len(v) > 1}
+    v = min(given) // args.workers if given else chunks_for("auto", chunks)
+    if given and min(given) % args.workers:
+        raise ValueError(
+            f"{min(given)} stage times cannot be shared by {args.workers} workers; give a "
+            f"multiple of {args.workers}"
+        )
+    cap = args.memory_cap if args.memory_cap is not None else min(args.workers, args.microbatches)
+    costs = stage_costs(args, args.workers * v, v)
+    return synthesize(costs, args.workers, args.microbatches, cap)
 
 
 def _compare_chunks(name: str, chunks: int | None) -> int | None:

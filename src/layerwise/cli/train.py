@@ -23,10 +23,24 @@ FLAGS: dict[str, tuple[type, str]] = {
     "schedule": (str, "pipeline schedule or an alias (see 'layerwise simulate --help')"),
     "microbatches": (int, "micro-batches per step"),
     "chunks": (int, "stages per worker; if unset, the schedule's own"),
+    "memory_cap": (
+        float,
+        "for --schedule auto: most activations a worker may hold, in micro-batches through "
+        "one whole stage (default: 1F1B's, the smaller of workers and micro-batches)",
+    ),
     "balance": (str, "uniform | params | time | memory | sizes such as 2,2,1,1"),
     "recompute": (str, "activation recomputation: never | always | except_last"),
     "precision": (str, "fp32 | bf16"),
-    "model": (str, "model family, by name (layerwise.models.family)"),
+    "model": (
+        str,
+        "model family, by name: gpt, or a Hugging Face decoder (needs transformers) "
+        "hf:gpt2 | hf:llama | hf:mistral | hf:qwen2 | hf:gemma2 | hf:phi3",
+    ),
+    "hf_config": (
+        str,
+        "for --model hf:*: a Hugging Face config.json (or save_pretrained "
+        "directory) whose sizes replace --layers, --d-model and --heads",
+    ),
     "layers": (int, "transformer blocks"),
     "d_model": (int, "model width"),
     "heads": (int, "attention heads"),
@@ -94,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
         cfg = dataclasses.replace(cfg, **given, run_dir=str(run_dir))
         check_config(cfg)
         return cfg, True
+    if given.get("hf_config") is not None:  # workers and later commands may run elsewhere
+        given["hf_config"] = str(Path(given["hf_config"]).resolve())
     cfg = TrainConfig(**given)
     check_config(cfg)
     cfg.run_dir = args.run_dir or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")

@@ -23,10 +23,12 @@ class TrainConfig:
     schedule: str = "1f1b"
     microbatches: int = 8
     chunks: int | None = None
+    memory_cap: float | None = None  # --schedule auto: most activation memory per worker
     balance: str = "params"
     recompute: str = "never"  # activation recomputation (Pipeline's ``recompute``)
     precision: str = "fp32"
     model: str = "gpt"  # a model family's name (models.family); older config.json files: gpt
+    hf_config: str | None = None  # hf:* families: a Hugging Face config.json (absolute path)
     layers: int = 4
     d_model: int = 128
     heads: int = 4
@@ -50,7 +52,17 @@ class TrainConfig:
     timeout: float = 120.0
 
     def family(self) -> ModelFamily:
-        """Return the model this run trains: its family, built from the run's sizes."""
+        """Return the model this run trains: its family, built from the run's sizes (or, for
+        a Hugging Face family, from ``hf_config`` when it is given)."""
+        extra: dict[str, Any] = {}
+        if self.hf_config is not None:
+            if not self.model.startswith("hf"):
+                raise ValueError(
+                    f"--hf-config is for the Hugging Face model families (--model hf:llama, "
+                    f"hf:gpt2, ...), not --model {self.model}; size that one with --layers, "
+                    f"--d-model and --heads"
+                )
+            extra["config"] = self.hf_config
         return get_family(
             self.model,
             seq_len=self.seq_len,
@@ -59,6 +71,7 @@ class TrainConfig:
             n_heads=self.heads,
             tie_embeddings=self.tie_embeddings,
             seed=self.seed,
+            **extra,
         )
 
     def grid(self) -> Grid:
@@ -75,6 +88,7 @@ class TrainConfig:
             "microbatches",
             "chunks",
             "model",
+            "hf_config",
             "layers",
             "d_model",
             "heads",

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from layerwise.job import checkpoints as ckpt
+from layerwise.job.autoschedule import adopt_saved, adopt_searched
 from layerwise.job.checks import parse_balance
 from layerwise.job.config import TrainConfig
 from layerwise.job.console import Console, Scalars
@@ -136,6 +137,7 @@ def _build_pipeline(cfg: TrainConfig, groups: Groups) -> Pipeline:
         recompute=cfg.recompute,
         chunks=cfg.chunks,
         tied=family.tied_parameters(),
+        loss_reduction=family.loss_reduction(),
         device=device,
         timeout=cfg.timeout,
         seed=cfg.seed,
@@ -174,6 +176,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, groups: Groups) -> None:
         self.cfg, self.groups = cfg, groups
         self.run_dir = Path(cfg.run_dir)
+        self.family = cfg.family()
         self.pipe = _build_pipeline(cfg, groups)
         self.params = list(self.pipe.parameters())
         self.opt, self.inner = _build_optimizer(cfg, groups, self.params)
@@ -187,7 +190,8 @@ class Trainer:
                                         for b in (train_text, val_text))  # fmt: skip
             self.batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
             val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-            self.val = val.eval_batches(cfg.eval_batches)
+            self.val = [(vx, self.family.lm_targets(vx, vy))
+                        for vx, vy in val.eval_batches(cfg.eval_batches)]  # fmt: skip
 
     def resume(self) -> int:
         """Load the latest checkpoint; return the step to continue from."""
@@ -236,6 +240,7 @@ class Trainer:
         x, y = (None, None)
         if self.batcher is not None:
             x, y = self.batcher.get_batch(step, self.groups.dp_rank, self.groups.layout.dp)
+            y = self.family.lm_targets(x, y)
         pipe = self.pipe
         return (x if pipe.is_first else None), (y if pipe.is_last else None)
 
@@ -244,6 +249,8 @@ class Trainer:
         this schedule and of the others that use the same stages (collective)."""
         pipe = self.pipe
         costs = pipe.calibrate(*self._batch(0))
+        if self.cfg.schedule == "auto":  # now that the costs are known, search for them
+            adopt_searched(pipe, costs, self.cfg.memory_cap, self.run_dir)
         sched = pipe.schedule
         others = {}
         for name in alternatives(sched.stage_worker, sched.num_microbatches):
@@ -285,6 +292,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if start > 0 and cfg.schedule == "auto":
+        adopt_saved(trainer.pipe, run_dir)
     if start == 0:
         prediction = trainer.predict()
         if rank == 0:

@@ -75,6 +75,18 @@ class ModelFamily(ABC):
         """Return the parameters that must stay equal across layers; none by default."""
         return []
 
+    def lm_targets(self, tokens: Tensor, next_tokens: Tensor) -> Tensor:
+        """Return the targets :meth:`loss_fn` expects for a language-model batch: ``tokens``
+        (B, T) are the inputs and ``next_tokens`` the same text one token later. The default
+        is ``next_tokens``; a family whose loss shifts labels itself returns ``tokens``."""
+        return next_tokens
+
+    def loss_reduction(self) -> str | Callable[[Any], float]:
+        """Return how a step weighs its micro-batches' losses (``Pipeline(loss_reduction=)``):
+        ``rows`` (the default: by their number of samples), ``tokens``, or a function of a
+        micro-batch's targets giving its weight."""
+        return "rows"
+
     def tensor_parallel_plan(self, index: int, module: nn.Module) -> TensorParallelPlan:
         """Return how layer ``index`` (built as ``module``) is split over tensor-parallel ranks,
         as {submodule name: "col" | "row" | "shared_input"}; empty (the default) keeps the
@@ -111,6 +123,13 @@ class ModelFamily(ABC):
 # asked for: a family may need packages the others do not (Hugging Face's transformers).
 FAMILIES: dict[str, type[ModelFamily] | str] = {
     "gpt": "layerwise.models.gpt:GPTFamily",
+    "hf": "layerwise.models.hf:HFDecoderFamily",  # needs config=...
+    "hf:gpt2": "layerwise.models.hf:HFGPT2Family",
+    "hf:llama": "layerwise.models.hf:HFLlamaFamily",
+    "hf:mistral": "layerwise.models.hf:HFMistralFamily",
+    "hf:qwen2": "layerwise.models.hf:HFQwen2Family",
+    "hf:gemma2": "layerwise.models.hf:HFGemma2Family",
+    "hf:phi3": "layerwise.models.hf:HFPhi3Family",
 }
 
 
@@ -138,7 +157,10 @@ def family_class(name: str) -> type[ModelFamily]:
         )
     if isinstance(entry, str):
         module, _, attribute = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attribute)
+        try:
+            entry = getattr(importlib.import_module(module), attribute)
+        except ImportError as err:  # a family whose optional packages are not installed
+            raise ValueError(f"the model family {name!r} is not available: {err}") from err
         FAMILIES[name] = entry
     return entry
 

@@ -8,6 +8,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,19 @@ class Built:
 
 
 def group_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(this process's worker index, number of workers) in ``group``; (0, 1) alone."""
+    """(this process's worker index, number of workers) in ``group``; (0, 1) alone.
+
+    Raises RuntimeError when the environment says this process is one of several (torchrun's
+    WORLD_SIZE) but no process group exists: each would otherwise run the whole model alone."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise RuntimeError(
+            f"WORLD_SIZE is {world} but no process group is started, so this process would run "
+            f"every stage alone; call torch.distributed.init_process_group() (e.g. "
+            f"init_process_group('gloo') on CPU, 'nccl' on GPU) before building the Pipeline"
+        )
     return 0, 1
 
 
@@ -216,6 +227,35 @@ def setup_ties(
     return ties
 
 
+def shared_parameters(specs: Sequence[LayerSpec]) -> list[TiedSpec]:
+    """Return a tie (first layer, name, later layer, name) for each Parameter object that
+    layers given as modules hold more than once, across layers (factories build their own)."""
+    first: dict[int, tuple[int, str]] = {}
+    found: list[TiedSpec] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, nn.Module):
+            continue
+        for name, p in spec.named_parameters():
+            owner = first.setdefault(id(p), (i, name))
+            if owner[0] != i:
+                found.append((owner[0], owner[1], i, name))
+    return found
+
+
+def all_ties(specs: Sequence[LayerSpec], tied: Sequence[TiedSpec]) -> list[TiedSpec]:
+    """The ties given, then those found in the modules (:func:`shared_parameters`), each once.
+
+    Without this, two workers holding one Parameter would each train their own copy."""
+    ties: list[TiedSpec] = [(a, na, b, nb) for a, na, b, nb in tied]
+    known = {frozenset([(a, na), (b, nb)]) for a, na, b, nb in ties}
+    for tie in shared_parameters(specs):
+        a, na, b, nb = tie
+        if frozenset([(a, na), (b, nb)]) not in known:
+            known.add(frozenset([(a, na), (b, nb)]))
+            ties.append(tie)
+    return ties
+
+
 def build(
     layers: Sequence[LayerSpec] | nn.Sequential,
     *,
@@ -242,6 +282,7 @@ def build(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     worker, num_workers = group_position(group)
+    tied = all_ties(specs, tied)
     sched = make_schedule(schedule, num_workers, microbatches, chunks)
     transport_cls = transport_class(p2p, group)  # bad p2p fails before anything is built
     if num_workers > 1:  # before any other collective, which would hang on a mismatch

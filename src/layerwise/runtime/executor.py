@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from layerwise.runtime.builder import Built
+from layerwise.runtime.stage import output_grad_flags
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
 from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
@@ -25,8 +26,35 @@ from layerwise.schedules import Action, Schedule, dependencies
 from layerwise.timeline import Event, Timeline
 
 RECOMPUTE_MODES = ("never", "always", "except_last")
+LOSS_REDUCTIONS = ("rows", "tokens")
+IGNORE_INDEX = -100  # target value that ``tokens`` does not count (the usual ignore_index)
 LOOKAHEAD = 2  # receives posted this many actions ahead of need
 LossFn = Callable[[Any, Any], torch.Tensor]
+LossReduction = str | Callable[[Any], float]
+
+
+def micro_batch_weight(reduction: LossReduction, target: Any) -> float:
+    """Return how much a micro-batch's mean loss counts in the step's, from its targets:
+    ``rows``: its number of samples; ``tokens``: its target elements other than -100;
+    a function: what it returns for the targets."""
+    if callable(reduction):
+        return float(reduction(target))
+    first = flatten(target)[0][0]
+    if reduction == "rows":
+        return float(first.shape[0])
+    if reduction == "tokens":
+        return float((first != IGNORE_INDEX).sum())
+    raise ValueError(
+        f"loss_reduction must be one of {LOSS_REDUCTIONS} or a function of a micro-batch's "
+        f"targets returning its weight, got {reduction!r}"
+    )
+
+
+def _zero_loss(out: Any) -> torch.Tensor:
+    """A loss of 0 connected to ``out`` (its gradients are zeros): a micro-batch that counts
+    for nothing, whose own mean loss may be 0/0."""
+    floats = [t for t in flatten(out)[0] if t.is_floating_point()]
+    return sum((t.sum() * 0.0 for t in floats), torch.zeros(()))
 
 
 @dataclass(frozen=True)
@@ -40,10 +68,22 @@ class Run:
     loss_fn: LossFn | None = None
     recompute: str = "never"  # never | always | except_last: forwards recomputed in backward
     grad_reducer: Any = None  # stage_done(stage) after a stage's last backward; finish()
+    loss_reduction: LossReduction = "rows"  # how micro-batch losses weigh (micro_batch_weight)
 
     @property
     def trains(self) -> bool:
         return any(a.kind != "F" for acts in self.schedule.actions for a in acts)
+
+    def recomputes(self, mb: int) -> bool:
+        """Whether micro-batch ``mb``'s forwards run without a graph, to be recomputed."""
+        last = self.schedule.num_microbatches - 1
+        return self.recompute == "always" or (self.recompute == "except_last" and mb < last)
+
+    def message_key(self, signature: Any, mb: int) -> tuple[Any, str]:
+        """What an activation's metadata is cached under: the micro-batch's shapes, and how
+        the sender knows which outputs need a gradient (none, its graph, or recomputed)."""
+        mode = "none" if not self.trains else "recomputed" if self.recomputes(mb) else "graph"
+        return signature, mode
 
 
 class Executor:
@@ -87,7 +127,7 @@ class Executor:
         for pos, a in enumerate(acts):
             # post receives for this action and the next few, so data flows while we compute
             for k, ahead in enumerate(acts[pos : pos + 1 + LOOKAHEAD]):
-                if not self._post(sched, ahead, st, now=k == 0):
+                if not self._post(run, ahead, st, now=k == 0):
                     break  # later receives wait, so each stream is posted in order
             if a.kind == "F":
                 self._forward(run, a, st)
@@ -139,6 +179,7 @@ class Executor:
                 raise ValueError(
                     f"targets split into micro-batches of {got} rows, inputs into {st.rows}"
                 )
+            st.weights = [micro_batch_weight(run.loss_reduction, t) for t in st.targets]
         self.events = []
         self.last_schedule = sched
         return st
@@ -189,18 +230,22 @@ class Executor:
     def _head(
         self, run: Run, stage: int, mb: int, st: Step
     ) -> Callable[[Any], torch.Tensor] | None:
-        """The last stage's loss for micro-batch ``mb``, weighted by its share of the rows."""
+        """The last stage's loss for micro-batch ``mb``, weighted by its share of the step
+        (``run.loss_reduction``); a batch that counts nothing gives 0."""
         if stage != run.schedule.num_stages - 1 or not run.trains:
             return None
         assert run.loss_fn is not None
-        loss_fn, target, weight = run.loss_fn, st.targets[mb], st.rows[mb] / sum(st.rows)
+        loss_fn, target, total = run.loss_fn, st.targets[mb], sum(st.weights)
+        weight = st.weights[mb] / total if total else 0.0
+        if weight == 0.0:
+            return _zero_loss
         return lambda out: loss_fn(out, target) * weight
 
-    def _post(self, sched: Schedule, a: Action, st: Step, now: bool) -> bool:
+    def _post(self, run: Run, a: Action, st: Step, now: bool) -> bool:
         """Post the receive that action ``a`` will need from another worker, if any.
 
         Return False if that receive cannot be posted yet (so none after it may be)."""
-        worker = self.built.worker
+        sched, worker = run.schedule, self.built.worker
         # a backward whose forward has not sent yet (or sent to this same worker) has nothing
         # to post now; a later one of its stream cannot have sent either, so order holds
         if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
@@ -214,7 +259,7 @@ class Executor:
             return True
         peer = remote[0]
         if a.kind == "F":
-            shapes = st.plan[a.microbatch][1]
+            shapes = run.message_key(st.plan[a.microbatch][1], a.microbatch)
             if not now and not self.transport.knows(a.stage - 1, shapes):
                 return False  # new shapes: metadata must be received in order, not ahead
             st.posted[a] = self.transport.post_activation(a.stage - 1, a.microbatch, peer, shapes)
@@ -226,20 +271,22 @@ class Executor:
     def _forward(self, run: Run, a: Action, st: Step) -> None:
         sched, s, mb = run.schedule, a.stage, a.microbatch
         stage = self.built.stages[s]
+        needs: list[bool] | None = None  # which inputs send a gradient back (the sender says)
         if s == 0:
             x = st.inputs[mb]
         elif a in st.posted:
-            x = self.transport.complete(st.posted.pop(a))
+            pending = st.posted.pop(a)
+            x, needs = self.transport.complete(pending), pending.needs_grad
         else:
-            x = st.local.pop((s - 1, "F", mb))
-        m = sched.num_microbatches
-        recompute = run.recompute == "always" or (run.recompute == "except_last" and mb < m - 1)
+            x, needs = st.local.pop((s - 1, "F", mb))
+        recompute = run.recomputes(mb)
         t0 = time.perf_counter()
         loss = None
         try:
             if run.trains:
                 out, loss = stage.forward_step(mb, x, self._head(run, s, mb, st), recompute,
-                                               capture=sched.splits_backward(s))  # fmt: skip
+                                               capture=sched.splits_backward(s),
+                                               needs_grad=needs)  # fmt: skip
             else:
                 with torch.no_grad():
                     out = stage.run(x)
@@ -248,16 +295,21 @@ class Executor:
         t1 = time.perf_counter()
         if loss is not None:
             st.losses[mb] = loss.detach()
+        flags = output_grad_flags(out, recompute) if run.trains else None
         if s == sched.num_stages - 1:
             if not run.trains:
                 st.outputs[mb] = out
         elif sched.stage_worker[s + 1] == self.built.worker:
-            st.local[(s, "F", mb)] = out
+            st.local[(s, "F", mb)] = (out, flags)
         else:
             peer = sched.stage_worker[s + 1]
-            sent = self.transport.send_activation(out, s, mb, peer, st.plan[mb][1])
+            key = run.message_key(st.plan[mb][1], mb)
+            needs_back = flags or [False] * len(flatten(out)[0])
+            sent = self.transport.send_activation(out, s, mb, peer, key, needs_back)
             if run.trains:
-                st.sent[(s, mb)] = [TensorMeta.of(t) for t in sent if t.is_floating_point()]
+                st.sent[(s, mb)] = [
+                    TensorMeta.of(t) for t, f in zip(sent, needs_back, strict=True) if f
+                ]
                 free_sent(out)
         self.events.append(Event(self.built.worker, t0, t1, "F", s, mb))
 

@@ -18,11 +18,17 @@ from torch import nn
 
 from layerwise.profile import Balance, LayerSpec
 from layerwise.runtime import builder
-from layerwise.runtime.builder import TiedSpec
-from layerwise.runtime.executor import RECOMPUTE_MODES, Executor, Run
+from layerwise.runtime.builder import TiedSpec, agree
+from layerwise.runtime.executor import (
+    LOSS_REDUCTIONS,
+    RECOMPUTE_MODES,
+    Executor,
+    LossReduction,
+    Run,
+)
 from layerwise.runtime.step import split_batch
 from layerwise.runtime.transport import LOSS_TAG
-from layerwise.schedules import forward_only, sequential
+from layerwise.schedules import Schedule, forward_only, sequential, validate
 from layerwise.simulate import Costs, measured_costs
 from layerwise.timeline import Event, Timeline
 
@@ -38,7 +44,12 @@ class Pipeline:
     ``recompute``: ``never``, ``always`` or ``except_last`` (every micro-batch but the last
     recomputes its forward during backward); ``checkpoint`` is its former name.
     ``tied``: parameters shared by two layers, as (layer, name, layer, name); their gradients
-    are summed across the workers that hold them.
+    are summed across the workers that hold them. Layers given as modules that hold the same
+    Parameter object are tied so without being named here.
+    ``loss_reduction``: how the micro-batches' mean losses make the step's: ``rows`` (each
+    weighs by its samples), ``tokens`` (by its target elements other than -100), or a function
+    of a micro-batch's targets returning its weight; the step's loss is then the mean over
+    the whole batch that the loss function would give on it, e.g. over its tokens.
     ``timeout``: seconds any wait on a peer may take before raising.
     ``precision``: ``fp32``, or ``bf16`` (forward under bfloat16 autocast; fp32 weights).
     ``parallelize``: called as ``fn(global_layer_index, module)`` on each layer this worker
@@ -72,6 +83,7 @@ class Pipeline:
         grad_reducer: Any = None,
         p2p: str = "auto",
         checkpoint: str | None = None,
+        loss_reduction: LossReduction = "rows",
     ) -> None:
         if checkpoint is not None:  # the former name of recompute
             warnings.warn("Pipeline(checkpoint=...) is now Pipeline(recompute=...)",
@@ -79,6 +91,9 @@ class Pipeline:
             recompute = checkpoint
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        if not callable(loss_reduction) and loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS} or a function of "
+                             f"a micro-batch's targets, got {loss_reduction!r}")  # fmt: skip
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         # NCCL moves only GPU tensors, so scalars shared between workers live on the device
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -91,6 +106,39 @@ class Pipeline:
         self.loss_fn = loss_fn
         self.recompute = recompute
         self.grad_reducer = grad_reducer
+        self.loss_reduction = loss_reduction
+
+    @classmethod
+    def from_hf(
+        cls,
+        model_or_config: Any,
+        checkpoint: str | None = None,
+        family: Any = None,
+        **options: Any,
+    ) -> Pipeline:
+        """Return the pipeline of a Hugging Face causal LM, with no glue to write.
+
+        ``model_or_config``: a built model (its own modules and weights become the layers), a
+        configuration (object or dict), or a path (a config.json, or a ``save_pretrained``
+        directory, whose weights are read). From a configuration, each worker builds its
+        layers on the meta device and materializes only its own: initialized as the model
+        initializes itself, or read tensor by tensor from ``checkpoint`` (a save_pretrained
+        directory). ``options`` are the Pipeline's; the loss (the model's causal-LM loss,
+        averaged over the batch's counted tokens), ``loss_reduction`` and the tied embeddings
+        come from the model. ``family``: a subclass of
+        :class:`~layerwise.models.hf.HFDecoderFamily` for a model laid out otherwise (the
+        default finds the pieces of GPT-2, Llama and their kin, and names what it cannot
+        place). ``train_step(input_ids, labels)`` then returns
+        ``model(input_ids, labels=labels).loss``; inputs may also be a dict with
+        ``input_ids`` and ``attention_mask``. Needs ``transformers`` (``layerwise[hf]``).
+        """
+        from layerwise.models.hf import hf_family
+
+        family = hf_family(model_or_config, checkpoint, family)
+        options.setdefault("loss_fn", family.loss_fn)
+        options.setdefault("loss_reduction", family.loss_reduction())
+        tied = [*options.pop("tied", ()), *family.tied_parameters()]
+        return cls(family.layers(), tied=tied, **options)
 
     # -- what this worker holds ---------------------------------------------------------------
 
@@ -179,6 +227,24 @@ class Pipeline:
     def eval(self) -> Pipeline:
         return self.train(False)
 
+    def reschedule(self, schedule: Schedule) -> None:
+        """Run ``schedule`` from now on: another order of the same stages on the same workers
+        (for example one searched for the costs :meth:`calibrate` measured). Collective:
+        every worker must switch to the same schedule, which is checked."""
+        old = self.built.schedule
+        validate(schedule)
+        if schedule.stage_worker != old.stage_worker:
+            raise ValueError(
+                f"schedule {schedule.name!r} places stages on workers as "
+                f"{list(schedule.stage_worker)}, but this pipeline's stages are built as "
+                f"{list(old.stage_worker)}; build a new Pipeline for another placement"
+            )
+        if self.num_workers > 1:
+            agree({"schedule": schedule.name, "micro-batches": schedule.num_microbatches,
+                   "action lists": [" ".join(map(str, a)) for a in schedule.actions]},
+                  self.worker, self.group)  # fmt: skip
+        self.built.schedule = schedule
+
     # -- life cycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -207,7 +273,8 @@ class Pipeline:
     def _training_run(self) -> Run:
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss_fn")
-        return Run(self.schedule, self.loss_fn, self.recompute, self.grad_reducer)
+        return Run(self.schedule, self.loss_fn, self.recompute, self.grad_reducer,
+                   self.loss_reduction)  # fmt: skip
 
     def train_step(self, inputs: Any = None, targets: Any = None) -> float:
         """Run one global batch forward and backward; accumulate this worker's gradients.
@@ -270,7 +337,9 @@ class Pipeline:
         y = split_batch(targets, m)[0] if self.is_last and targets is not None else targets
         # one micro-batch is the last: recompute it as all but one of a real step's will be
         recompute = "always" if self.recompute == "except_last" else self.recompute
-        run = Run(sequential(self.schedule), self._training_run().loss_fn, recompute)
+        training = self._training_run()
+        run = Run(sequential(self.schedule), training.loss_fn, recompute,
+                  loss_reduction=training.loss_reduction)  # fmt: skip
         with _ModelStateKept(self):
             timelines = []
             for _ in range(steps + 1):  # the first pass exchanges shapes: not counted

@@ -36,15 +36,25 @@ def _grad_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in flatten(value)[0] if t.requires_grad]
 
 
-def _prepare_inputs(value: Any, grad: bool) -> Any:
-    """Detach inputs from whatever produced them; with ``grad``, float tensors become leaves
-    needing grad (the first stage's inputs are data: their gradient would go nowhere)."""
+def _prepare_inputs(value: Any, needs_grad: list[bool] | None) -> Any:
+    """Detach inputs from whatever produced them; the tensors ``needs_grad`` marks become
+    leaves needing grad (None: none do, as the first stage's inputs are data whose gradient
+    would go nowhere)."""
+    flags = iter(needs_grad or [])
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        return t.requires_grad_(True) if grad and t.is_floating_point() else t
+        return t.requires_grad_(True) if next(flags, False) and t.is_floating_point() else t
 
     return map_tensors(value, leaf)
+
+
+def output_grad_flags(output: Any, recompute: bool) -> list[bool]:
+    """Which tensors of a stage's output need a gradient back: those connected to its graph.
+
+    A forward that will be recomputed ran without a graph and cannot tell, so every
+    floating-point tensor is marked, as the recomputed forward may connect any of them."""
+    return [t.is_floating_point() and (recompute or t.requires_grad) for t in flatten(output)[0]]
 
 
 def _run_backward(
@@ -92,6 +102,7 @@ class Stash:
 
     inputs: Any
     rng_state: torch.Tensor | None = None
+    grad_outputs: list[bool] | None = None  # which outputs get a gradient back (None: floats)
     output: Any = None
     loss: torch.Tensor | None = None
     captures: list[tuple[nn.Module, list[torch.Tensor]]] = field(default_factory=list)
@@ -114,6 +125,7 @@ class Stage(nn.Module):
         self.first_layer = first_layer
         self.layers = nn.ModuleList(layers)
         self.stash: dict[int, Stash] = {}
+        self.failed_layer: int | None = None  # global index of the layer that raised last
         self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
         # whether I/W may split this stage's backward; None until a split forward is watched
         self.split_safe: bool | None = None
@@ -132,10 +144,17 @@ class Stage(nn.Module):
         return f"stage {self.index} (layers {self.first_layer}-{last})"
 
     def run(self, value: Any) -> Any:
-        """Apply the stage's layers in order (no stashing): used by inference and recompute."""
+        """Apply the stage's layers in order (no stashing): used by inference and recompute.
+
+        If a layer raises, ``failed_layer`` keeps its global index for the failure report."""
+        self.failed_layer = None
         with self.autocast():
-            for layer in self.layers:
-                value = call_layer(layer, value)
+            for i, layer in enumerate(self.layers):
+                try:
+                    value = call_layer(layer, value)
+                except Exception:
+                    self.failed_layer = self.first_layer + i
+                    raise
         return value
 
     def autocast(self) -> Any:
@@ -173,27 +192,42 @@ class Stage(nn.Module):
         return stash
 
     def forward_step(
-        self, mb: int, value: Any, head: LossHead | None, recompute: bool, capture: bool
+        self,
+        mb: int,
+        value: Any,
+        head: LossHead | None,
+        recompute: bool,
+        capture: bool,
+        needs_grad: list[bool] | None = None,
     ) -> tuple[Any, torch.Tensor | None]:
-        """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward."""
-        inputs = _prepare_inputs(value, grad=self.index > 0)
+        """Run micro-batch ``mb`` forward; return (output, loss or None) and stash for backward.
+
+        ``needs_grad`` marks the inputs whose gradient the previous stage waits for (what it
+        sent); None means every floating-point input after the first stage."""
+        if needs_grad is None and self.index > 0:
+            needs_grad = [t.is_floating_point() for t in flatten(value)[0]]
+        inputs = _prepare_inputs(value, needs_grad)
         if recompute:
             rng = torch.get_rng_state()
             with torch.no_grad():
                 output = self.run(inputs)
                 loss = head(output) if head is not None else None
-            self.stash[mb] = Stash(inputs=inputs, rng_state=rng)
+            flags = output_grad_flags(output, recompute=True)
+            self.stash[mb] = Stash(inputs=inputs, rng_state=rng, grad_outputs=flags)
             return output, loss
         stash = self._forward_graph(mb, inputs, head, capture)
+        stash.grad_outputs = output_grad_flags(stash.output, recompute=False)
         self.stash[mb] = stash
         return stash.output, stash.loss
 
     def _materialize(self, mb: int, head: LossHead | None, capture: bool) -> Stash:
         stash = self.stash[mb]
         if stash.rng_state is not None:  # recomputed: run again with the forward's RNG
+            flags = stash.grad_outputs
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(stash.rng_state)
                 stash = self._forward_graph(mb, stash.inputs, head, capture)
+            stash.grad_outputs = flags
             self.stash[mb] = stash
         return stash
 
@@ -202,12 +236,18 @@ class Stage(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if stash.loss is not None:
             return ([stash.loss] if stash.loss.requires_grad else []), None
-        # every floating-point tensor passed on gets a gradient back (zeros if unused)
-        outs = [t for t in flatten(stash.output)[0] if t.is_floating_point()]
-        if grads is None or len(grads) != len(outs):
+        # the outputs marked at the forward get a gradient back (zeros if unused); a caller
+        # that passes one for every floating-point output is understood too
+        tensors = flatten(stash.output)[0]
+        floats = [t for t in tensors if t.is_floating_point()]
+        flags = stash.grad_outputs
+        marked = floats if flags is None else [t for t, f in zip(tensors, flags, strict=True) if f]
+        count = 0 if grads is None else len(grads)
+        outs = marked if count == len(marked) else floats
+        if grads is None or count != len(outs):
             raise RuntimeError(
-                f"{self.describe()}: got {0 if grads is None else len(grads)} output gradients "
-                f"for {len(outs)} floating-point outputs"
+                f"{self.describe()}: got {count} output gradients for {len(marked)} outputs "
+                f"that need one"
             )
         for o, g in zip(outs, grads, strict=True):
             if o.shape != g.shape and o.numel() > 0:

@@ -47,6 +47,7 @@ class Step:
     rows: list[int]
     inputs: list[Any] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # last worker: each micro-batch's weight
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)  # forward only: the last stage's
     local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
@@ -59,13 +60,25 @@ class StageError(RuntimeError):
 
 
 def describe_failure(stage: Stage, mb: int, x: Any, s: int, err: Exception) -> str:
-    """Say which stage failed on which micro-batch, and what it was given."""
+    """Say which stage failed on which micro-batch, in which of its layers, and what the stage
+    was given."""
     inputs = ", ".join(TensorMeta.of(t).describe() for t in flatten(x)[0])
     source = "the batch" if s == 0 else f"stage {s - 1}"
+    where = ""
+    if stage.failed_layer is not None:
+        layer = stage.layers[stage.failed_layer - stage.first_layer]
+        where = f", in layer {stage.failed_layer} ({describe_layer(layer)})"
     return (
         f"{stage.describe()} failed on micro-batch {mb}, whose input from {source} is "
-        f"[{inputs}]: {type(err).__name__}: {err}"
+        f"[{inputs}]{where}: {type(err).__name__}: {err}"
     )
+
+
+def describe_layer(layer: torch.nn.Module) -> str:
+    """A layer's class, and that of the module it wraps when it says so (``wraps``)."""
+    inner = getattr(layer, "wraps", None)
+    kind = type(layer).__name__
+    return f"{kind} of {type(inner).__name__}" if isinstance(inner, torch.nn.Module) else kind
 
 
 def free_sent(out: Any) -> None:

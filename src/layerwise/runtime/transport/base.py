@@ -8,10 +8,13 @@ message by its tag) and :class:`~layerwise.runtime.transport.channels.ChannelTra
 (one process group per stream, where messages match in order, as NCCL needs). A subclass
 supplies the group and the tag of each message, and says which schedules it can carry.
 
-Metadata (structure, shapes, dtypes) of an activation travels once per *shape signature*
-(the shapes of the micro-batch's inputs, which every worker learns at the start of a step)
-and is cached by both sides, so steady-state transfers are payload only. Gradients need no
-metadata: the receiver already holds the output they belong to.
+Metadata (structure, shapes, dtypes, and which tensors need a gradient back) of an
+activation travels once per *key* (the shapes of the micro-batch's inputs, which every
+worker learns at the start of a step, and how the step treats gradients) and is cached by
+both sides, so steady-state transfers are payload only. Gradients need no metadata: the
+receiver already holds the output they belong to. Only the tensors the sender marked get a
+gradient: a float the sender computed without a graph (a mask, a rotary table) is received
+as data and sends nothing back.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class PendingRecv:
     spec: Any
     peer: int
     what: str
+    needs_grad: list[bool] | None = None  # activations: which tensors send a gradient back
 
 
 class Transport:
@@ -89,7 +93,8 @@ class Transport:
         self.timeout = timedelta(seconds=timeout_s)
         self.num_stages = num_stages
         self.on_wait = on_wait
-        self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta]]] = {}
+        # (stage, key) -> (structure, tensors, which need a gradient)
+        self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta], list[bool]]] = {}
         self.pending_sends: list[tuple[Any, list[torch.Tensor], int, str]] = []
         self.pool = BufferPool() if pool_supported(device) else None
 
@@ -198,22 +203,40 @@ class Transport:
     # -- sending ------------------------------------------------------------------------------
 
     def send_activation(
-        self, value: Any, stage: int, microbatch: int, peer: int, signature: Any
+        self,
+        value: Any,
+        stage: int,
+        microbatch: int,
+        peer: int,
+        signature: Any,
+        needs_grad: list[bool] | None = None,
     ) -> list[torch.Tensor]:
-        """Send stage ``stage``'s output for ``microbatch`` to ``peer``; return the sent tensors."""
+        """Send stage ``stage``'s output for ``microbatch`` to ``peer``; return the sent tensors.
+
+        ``needs_grad`` marks the tensors whose gradient the sender will wait for (default:
+        every floating-point one); it must be the same for every message of a ``signature``."""
         tensors, spec = flatten(value)
         metas = [TensorMeta.of(t) for t in tensors]
+        needs = [t.is_floating_point() for t in tensors] if needs_grad is None else needs_grad
         key = (stage, signature)
         cached = self.meta_cache.get(key)
         if cached is None:
-            self.meta_cache[key] = (spec, metas)
-            raw = torch.frombuffer(bytearray(pickle.dumps((spec, metas))), dtype=torch.uint8)
+            self.meta_cache[key] = (spec, metas, needs)
+            blob_data = pickle.dumps((spec, metas, needs))
+            raw = torch.frombuffer(bytearray(blob_data), dtype=torch.uint8)
             blob = raw.to(self.device)  # NCCL moves only GPU tensors
             size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
             for i, t in enumerate((size, blob)):
                 work = self._isend(t, peer, stage, META, microbatch, i)
                 self.pending_sends.append((work, [t], peer, "metadata"))
-        elif cached != (spec, metas):
+        elif cached[:2] == (spec, metas) and cached[2] != needs:
+            raise PeerError(
+                f"stage {stage}'s outputs that need a gradient changed for micro-batch "
+                f"{microbatch} (now {needs}, before {cached[2]}) although their shapes did "
+                f"not; a parameter was frozen or unfrozen during the pipeline's life? build a "
+                f"new Pipeline after changing which parameters require grad"
+            )
+        elif cached != (spec, metas, needs):
             raise PeerError(
                 f"stage {stage} output for micro-batch {microbatch} changed to "
                 f"{[m.describe() for m in metas]} (structure {spec}) although its inputs kept "
@@ -287,7 +310,7 @@ class Transport:
 
     def _recv_meta(
         self, stage: int, microbatch: int, peer: int, signature: Any
-    ) -> tuple[Any, list[TensorMeta]]:
+    ) -> tuple[Any, list[TensorMeta], list[bool]]:
         key = (stage, signature)
         if key not in self.meta_cache:
             what = f"metadata of stage {stage}'s output"
@@ -306,11 +329,11 @@ class Transport:
         self, stage: int, microbatch: int, peer: int, signature: Any
     ) -> PendingRecv:
         """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
-        spec, metas = self._recv_meta(stage, microbatch, peer, signature)
+        spec, metas, needs = self._recv_meta(stage, microbatch, peer, signature)
         buffers = [self._buffer(m) for m in metas]
         works = [self._irecv(b, peer, stage, ACT, microbatch, i) for i, b in enumerate(buffers)]
         what = f"stage {stage}'s output for micro-batch {microbatch}"
-        return PendingRecv(works, buffers, spec, peer, what)
+        return PendingRecv(works, buffers, spec, peer, what, needs)
 
     def post_gradient(
         self, like: list[TensorMeta], stage: int, microbatch: int, peer: int
