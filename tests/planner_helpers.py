@@ -10,6 +10,7 @@ from layerwise.cli.plan import add_parser
 DATA = Path(__file__).parent / "data"
 NARAYANAN = DATA / "published_runs.csv"
 KORTHIKANTI = DATA / "activation_memory.csv"
+OTHER_RUNS = DATA / "other_published_runs.csv"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -187,13 +187,7 @@ def trained(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, list[st
 @pytest.mark.timeout(240)
 def test_training_matches_single_process(trained: tuple[int, list[dict[str, list[str]]]]) -> None:
     world, results = trained
-    expected = [
-        sw.case_name(schedule, m, recompute, p2p)
-        for schedule in sw.NEW_SCHEDULES
-        for m in (world, 2 * world, 4 * world)
-        for recompute in sw.RECOMPUTE
-        for p2p in sw.TRANSPORTS
-    ] + sw.auto_case_names(world)
+    expected = [sw.case_name(*case) for case in sw.cases(world)] + sw.auto_case_names(world)
     for rank, res in enumerate(results):
         assert sorted(res) == sorted(expected)
         for case in expected:

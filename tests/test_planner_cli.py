@@ -88,3 +88,21 @@ def test_local_tensor_parallel_halves_compute_and_pays_all_reduces() -> None:
     # 4 micro-batches x 4 layers x (F + B) / 2 of compute, plus 4 all-reduces per layer
     assert tp > 4 * 4 * 0.03 / 2
     assert tp < 4 * 4 * 0.03  # still faster than one worker doing it all
+
+
+def test_evaluate_json_keeps_its_keys_and_adds_the_split_and_mode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(EVALUATE + " --mode lora --lora-rank 8 --json", capsys)
+    data = json.loads(out)
+    assert code == 0
+    assert set(data) >= {"layout", "fits", "step_time_s", "model_tflops_per_gpu",
+                         "hardware_tflops_per_gpu", "mfu", "bubble_fraction", "memory_gib",
+                         "time_s", "stage_layers", "mode"}  # fmt: skip
+    assert set(data["time_s"]) == {
+        "pipeline", "matmul", "elementwise", "recompute", "tensor_parallel_comm",
+        "pipeline_comm", "data_parallel_comm", "data_parallel_exposed", "optimizer",
+    }  # fmt: skip
+    assert data["mode"] == "lora" and data["stage_layers"] == [12] * 8
+    code, out, _ = run(EVALUATE.replace("--layers 96", "--layers 70") + " --json", capsys)
+    assert code == 0 and sum(json.loads(out)["stage_layers"]) == 70  # pp=8 does not divide 70

@@ -3,6 +3,10 @@
     layerwise plan --model llama3-70b --gpu h100-80gb --gpus 64 --global-batch 1024
     layerwise plan evaluate --layers 96 --hidden 12288 --heads 96 --seq 2048 --vocab 51200 \\
         --gpu a100-80gb --gpus 1024 --tp 8 --pp 8 --micro-batch 1 --global-batch 1536 --json
+    layerwise plan --model llama3-70b --gpu h100-80gb --gpus 8 --allow lora,offload,8bit \\
+        --host-memory-gib 2048
+    layerwise plan evaluate --model bloom-176b --gpus 384 --tp 4 --pp 12 --micro-batch 2 \\
+        --layers-per-stage 5,6,6,6,6,6,6,6,6,6,6,5 --recompute full --zero 1
     layerwise plan --local
 """
 
@@ -11,15 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from typing import Any
 
 from layerwise.planner.evaluate import evaluate
 from layerwise.planner.report import render_evaluation, render_plan
-from layerwise.planner.search import Fixed, plan
+from layerwise.planner.search import ALLOWED, Fixed, plan
 from layerwise.planner.specs import (
     GPU_PRESETS,
     MODEL_PRESETS,
+    MODES,
+    OPTIMIZER_BITS,
     PRECISIONS,
     RECOMPUTE,
     ClusterSpec,
@@ -31,12 +38,13 @@ from layerwise.planner.specs import (
     model_preset,
     schedules,
 )
+from layerwise.planner.stages import SplitRequest, request_split
 from layerwise.planner.timing import DEFAULT_CALIBRATION, Calibration
 
 ARCH = ("layers", "hidden", "heads", "kv_heads", "ffn", "seq", "vocab")
 # The small model ``plan --local`` measures when no size is given.
 LOCAL_MODEL = {"layers": 8, "hidden": 256, "heads": 4, "seq": 128}
-GPU_FIELDS = ("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps", "network_gbps")
+GPU_FIELDS = ("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps", "network_gbps", "host_gbps")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -60,16 +68,26 @@ def add_parser(subparsers: Any) -> None:
     c.add_argument("--gpus-per-node", type=int, default=8)
     for name in GPU_FIELDS:
         c.add_argument(f"--{name.replace('_', '-')}", type=float, help="override the preset")
+    c.add_argument("--host-memory-gib", type=float, help="CPU memory of one node (for offload)")
     t = p.add_argument_group("training")
     t.add_argument("--global-batch", type=int, help="sequences per step (default 8 x GPUs)")
     t.add_argument("--precision", choices=PRECISIONS, default="bf16")
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     t.add_argument("--fp32-grads", action="store_true", help="Megatron's fp32 gradients")
     t.add_argument("--no-overlap-grad-reduce", action="store_true")
+    t.add_argument("--mode", dest="train_mode", choices=MODES, default="full",
+                   help="what is trained (default: %(default)s)")  # fmt: skip
+    t.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    t.add_argument("--offload", choices=("optimizer",), help="optimizer states in host memory")
+    t.add_argument("--optimizer-bits", type=int, choices=OPTIMIZER_BITS)
+    t.add_argument("--allow", default="", help=f"the search may use: {','.join(ALLOWED)}")
     d = p.add_argument_group("layout (fixed degrees; required by 'evaluate')")
     for name in ("dp", "tp", "pp", "vpp", "micro-batch", "zero"):
         d.add_argument(f"--{name}", type=int)
     d.add_argument("--recompute", choices=RECOMPUTE)
+    d.add_argument("--layers-per-stage", help="layers of each of the pp x vpp stages: 5,6,6,5")
+    d.add_argument("--first-stage-layers", type=int, help="layers on the first pipeline stage")
+    d.add_argument("--last-stage-layers", type=int, help="layers on the last pipeline stage")
     d.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
     d.add_argument(
         "--schedule",
@@ -107,17 +125,17 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     gpu = dataclasses.replace(
         gpu, **{k: getattr(args, k) for k in GPU_FIELDS if getattr(args, k) is not None}
     )
-    per_node = args.gpus_per_node
+    per_node, host = args.gpus_per_node, args.host_memory_gib
     if args.gpus is None:
-        return ClusterSpec(gpu, per_node, 1 if args.nodes is None else args.nodes)
+        return ClusterSpec(gpu, per_node, 1 if args.nodes is None else args.nodes, host)
     if args.gpus < per_node or per_node < 1:  # the spec rejects a node without GPUs
-        return ClusterSpec(gpu, min(args.gpus, per_node), 1)
+        return ClusterSpec(gpu, min(args.gpus, per_node), 1, host)
     if args.gpus % per_node:
         raise PlanError(
             f"--gpus {args.gpus} is not a whole number of nodes of {per_node} GPUs "
             f"(set --gpus-per-node, or use {args.gpus // per_node * per_node})"
         )
-    return ClusterSpec(gpu, per_node, args.gpus // per_node)
+    return ClusterSpec(gpu, per_node, args.gpus // per_node, host)
 
 
 def train_from_args(args: argparse.Namespace, gpus: int) -> TrainSpec:
@@ -128,6 +146,8 @@ def train_from_args(args: argparse.Namespace, gpus: int) -> TrainSpec:
         optimizer=args.optimizer,
         fp32_grads=args.fp32_grads,
         overlap_grad_reduce=not args.no_overlap_grad_reduce,
+        mode=args.train_mode,
+        lora_rank=args.lora_rank,
     )
 
 
@@ -140,12 +160,28 @@ def _calibration(args: argparse.Namespace) -> Calibration:
     return cal
 
 
+def split_from_args(args: argparse.Namespace) -> SplitRequest:
+    """Returns the stage split the flags ask for; raises PlanError on a malformed list."""
+    given: tuple[int, ...] = ()
+    if args.layers_per_stage:
+        try:
+            given = tuple(int(x) for x in args.layers_per_stage.split(","))
+        except ValueError:
+            raise PlanError(
+                f"--layers-per-stage must be whole numbers separated by commas, such as "
+                f"5,6,6,5; got {args.layers_per_stage!r}"
+            ) from None
+    return SplitRequest(given, args.first_stage_layers, args.last_stage_layers)
+
+
 def fixed_from_args(args: argparse.Namespace) -> Fixed:
     """Returns the degrees and choices the flags pin; raises PlanError on a degree below 1."""
     return Fixed(
         dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp, micro_batch=args.micro_batch,
         recompute=args.recompute, zero=args.zero, sequence_parallel=args.sequence_parallel,
         schedules=schedules() if args.schedule == "all" else (args.schedule,),
+        offload=True if args.offload else None, optimizer_bits=args.optimizer_bits,
+        split=split_from_args(args), allow=tuple(a for a in args.allow.split(",") if a),
     )  # fmt: skip
 
 
@@ -169,9 +205,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         sequence_parallel=bool(fixed.sequence_parallel),
         zero=fixed.zero or 0,
         schedule=fixed.schedules[0],
+        offload=bool(fixed.offload),
+        optimizer_bits=fixed.optimizer_bits or 32,
     )
+    lay = dataclasses.replace(lay, stage_layers=request_split(model, lay, fixed.split))
     ev = evaluate(model, cluster, train, lay, _calibration(args))
-    print(json.dumps(ev.to_json(), indent=2) if args.json else render_evaluation(ev, cluster))
+    print(dumps(ev.to_json()) if args.json else render_evaluation(ev, cluster))
     return 0
 
 
@@ -181,10 +220,17 @@ def _search(args: argparse.Namespace) -> int:
     fixed = fixed_from_args(args)
     result = plan(model, cluster, train, fixed, top=args.top, cal=_calibration(args))
     if args.json:
-        print(json.dumps([ev.to_json() for ev in result.ranked], indent=2))
+        print(dumps([ev.to_json() for ev in result.ranked]))
     else:
         print(render_plan(result, model, cluster, train, fixed))
     return 0 if result.ranked else 2
+
+
+def dumps(data: object) -> str:
+    """Returns ``data`` as indented JSON with lists of numbers kept on one line (a deep
+    pipeline's ``stage_layers`` would otherwise take a line per stage)."""
+    text = json.dumps(data, indent=2)
+    return re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m[1].split()) + "]", text)
 
 
 def check_counts(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
-"""Planner: choose data/tensor/pipeline degrees, micro-batching, recomputation and ZeRO for a
-model on a cluster, predict memory and step time, and explain the choice.
+"""Planner: choose data/tensor/pipeline degrees, the layers of each stage, micro-batching,
+recomputation, ZeRO and optimizer-state savers for a model on a cluster and a training mode,
+predict memory and step time, and explain the choice.
 
 Pure Python; the pipeline bubble comes from the core simulator (layerwise.simulate).
 """
@@ -18,6 +19,7 @@ from layerwise.planner.specs import (
     gpu_preset,
     model_preset,
 )
+from layerwise.planner.stages import SplitRequest, default_split
 from layerwise.planner.timing import DEFAULT_CALIBRATION, Calibration
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "ModelSpec",
     "PlanError",
     "PlanResult",
+    "SplitRequest",
     "TrainSpec",
     "check_layout",
+    "default_split",
     "evaluate",
     "gpu_preset",
     "model_preset",

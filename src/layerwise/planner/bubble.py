@@ -4,14 +4,20 @@ The bubble is not re-derived with a closed formula: the schedule is generated an
 exactly as ``layerwise simulate`` would. Results are cached on the shape of the problem in
 units of one chunk's forward time, because the search asks for the same few shapes
 thousands of times and a p=64, m=512 simulation takes about a second.
+
+Even splits of full training keep the cache of one chunk shape (backward/forward ratio,
+output-layer share); other splits and modes (:func:`pipeline_time_split`) are cached on the
+layers of every stage and the same kind of rounded ratios.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
-from layerwise.schedules import Schedule, generate, interleaved_form
+from layerwise.schedules import Schedule, forward_only, generate, interleaved_form
 from layerwise.simulate import Costs, simulate
 
 
@@ -26,9 +32,11 @@ def schedule_name(schedule: str, vpp: int) -> str:
 
 # Steps with more than this many micro-batches per worker are extrapolated (see below).
 EXTRAPOLATE_ABOVE = 2
+# Uneven stages: steps of up to this many (stage, micro-batch) pairs are simulated in full.
+FULL_STAGE_STEPS = 2000
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _schedule(schedule: str, p: int, m: int, v: int) -> Schedule:
     """Returns the generated (and validated) schedule; many cost ratios share one."""
     return generate(schedule_name(schedule, v), num_workers=p, num_microbatches=m, chunks=v)
@@ -90,3 +98,88 @@ def _round(x: float, step: float) -> float:
     if x < step:
         return 0.0
     return round(math.exp(round(math.log(x) / math.log1p(step)) * math.log1p(step)), 4)
+
+
+@lru_cache(maxsize=4096)
+def _simulate_stages(
+    schedule: str,
+    p: int,
+    m: int,
+    v: int,
+    forward: tuple[float, ...],
+    backward: tuple[float, ...],
+    only_forward: bool,
+) -> tuple[float, float]:
+    """Returns (makespan, bubble fraction) of one step with these per-stage costs.
+
+    Uneven stages can take more than one period of p micro-batches to settle, so a step is
+    simulated in full up to FULL_STAGE_STEPS (stage, micro-batch) pairs. Longer ones are
+    extrapolated linearly from k p and (k+1) p micro-batches for the first k after which the
+    makespan grows by the same amount over more periods (checked by simulation): two more
+    with one stage per worker, three more when interleaved, whose warm-up is longer.
+    """
+    busy = m * (sum(forward) + (0.0 if only_forward else sum(backward)))
+    periods = 3 if v == 1 else 4
+    k = 1
+    while p * v * m > FULL_STAGE_STEPS and m > (k + periods - 1) * p:
+        spans = [_simulate_stages(schedule, p, j * p, v, forward, backward, only_forward)[0]
+                 for j in range(k, k + periods)]  # fmt: skip
+        slopes = [b - a for a, b in pairwise(spans)]
+        if all(math.isclose(x, slopes[0], rel_tol=1e-9) for x in slopes):
+            makespan = spans[1] + (m - (k + 1) * p) * slopes[0] / p
+            return makespan, 1.0 - busy / (p * makespan)
+        k += 1
+    sched = _schedule(schedule, p, m, v)
+    if only_forward:
+        sched = forward_only(sched)
+    makespan = simulate(sched, Costs.per_stage(forward, backward)).makespan()
+    # every stage runs every micro-batch once: the busy time needs no pass over the events
+    return makespan, 1.0 - busy / (p * makespan)
+
+
+@dataclass(frozen=True)
+class SplitCosts:
+    """Seconds per micro-batch of a pipeline whose stages hold ``split`` layers each: every
+    stage costs its layers plus one send each way; the last also runs the output layer."""
+
+    split: tuple[int, ...]  # transformer layers of each stage, in model order
+    layer_forward: float
+    layer_backward: float
+    send_forward: float
+    send_backward: float
+    head_forward: float
+    head_backward: float
+
+    def stages(self) -> tuple[list[float], list[float]]:
+        """Returns the forward and backward seconds of every stage."""
+        fwd = [n * self.layer_forward + self.send_forward for n in self.split]
+        bwd = [n * self.layer_backward + self.send_backward for n in self.split]
+        fwd[-1] += self.head_forward
+        bwd[-1] += self.head_backward
+        return fwd, bwd
+
+
+def pipeline_time_split(
+    schedule: str, p: int, m: int, v: int, costs: SplitCosts, only_forward: bool = False
+) -> tuple[float, float]:
+    """Returns (seconds, bubble fraction) of the pipeline part of a step with per-stage
+    costs; ``only_forward`` runs the schedule's forwards alone (inference).
+
+    As in :func:`pipeline_time`, the costs are simulated in units of one layer's forward,
+    the ratios rounded (5 % for the backward, 10 % for sends and the output layer) so that
+    layouts of one shape share a simulation, and the result is rescaled by the exact work.
+    """
+    fwd, bwd = costs.stages()
+    work = sum(fwd) + (0.0 if only_forward else sum(bwd))
+    if p == 1:
+        return m * work, 0.0
+    unit = costs.layer_forward
+    units = SplitCosts(
+        costs.split, 1.0, _round(costs.layer_backward / unit, 0.05),
+        _round(costs.send_forward / unit, 0.1), _round(costs.send_backward / unit, 0.1),
+        _round(costs.head_forward / unit, 0.1), _round(costs.head_backward / unit, 0.1),
+    )  # fmt: skip
+    ufwd, ubwd = units.stages()
+    makespan, bubble = _simulate_stages(schedule, p, m, v, tuple(ufwd), tuple(ubwd), only_forward)
+    rounded = sum(ufwd) + (0.0 if only_forward else sum(ubwd))
+    return makespan * work / rounded, bubble

@@ -1,21 +1,19 @@
-"""Why a layout wins, why the others lose, and what would fit when nothing does."""
+"""Why a layout wins and why the others lose; what would fit when nothing does is
+planner/fallback.py (re-exported here)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from layerwise.planner.evaluate import Evaluation
-from layerwise.planner.memory import Memory, memory
-from layerwise.planner.search import Fixed, PlanResult, enumerate_layouts, plan
-from layerwise.planner.specs import (
-    GPU_PRESETS,
-    RECOMPUTE,
-    ClusterSpec,
-    Layout,
-    ModelSpec,
-    PlanError,
-    TrainSpec,
-)
+from layerwise.planner.fallback import memory_reason, suggestions
+from layerwise.planner.memory import memory
+from layerwise.planner.search import PlanResult
+from layerwise.planner.specs import RECOMPUTE, ClusterSpec, ModelSpec, TrainSpec, compact_split
+from layerwise.planner.stages import item_costs
+
+__all__ = ["components", "loss_reason", "memory_reason", "rejected_for_memory", "suggestions",
+           "why_winner"]  # fmt: skip
 
 
 def components(ev: Evaluation) -> dict[str, float]:
@@ -46,21 +44,13 @@ def loss_reason(alt: Evaluation, win: Evaluation, cluster: ClusterSpec) -> str:
     elif part == "recomputation":
         why = f"{lay.recompute} recomputation adds {delta:.2f} s of repeated forward"
     elif part == "compute":
-        why = f"+{delta:.2f} s of compute on its slowest stage (output layer, smaller matmuls)"
+        cause = "output layer, smaller matmuls"
+        if len(set(alt.stage_layers)) > 1:
+            cause = f"uneven stages of {compact_split(alt.stage_layers)} layers"
+        why = f"+{delta:.2f} s of compute on its slowest stage ({cause})"
     else:
         why = f"{part} +{delta:.2f} s"
     return f"{slower:+.0%} step time: {why}"
-
-
-def memory_reason(mem: Memory, limit: float) -> str:
-    """Returns 'over memory by N GiB' with the largest part named."""
-    parts = {"weights+grads+optimizer": mem.weights + mem.gradients + mem.optimizer}
-    parts["activations"] = mem.activations
-    biggest = max(parts, key=lambda k: parts[k])
-    return (
-        f"over memory by {mem.total - limit:.1f} GiB "
-        f"({mem.total:.1f} of {limit:.0f}; {biggest} {parts[biggest]:.1f})"
-    )
 
 
 def why_winner(
@@ -83,6 +73,16 @@ def why_winner(
         )
     else:
         lines.append("no pipeline: the model fits without one, so there is no bubble.")
+    if len(set(win.stage_layers)) > 1:
+        lines.append(
+            f"stages hold {compact_split(win.stage_layers)} transformer layers: the exact "
+            f"min-max split, the embedding and the output layer counted as "
+            f"{' and '.join(f'{c:.2f}' for c in _ends(model))} layers."
+        )
+    if lay.offload or lay.optimizer_bits != 32:
+        saver = "8-bit optimizer states" if lay.optimizer_bits != 32 else "optimizer states"
+        where = f" in host memory ({win.host_gib:.0f} GiB per node)" if lay.offload else ""
+        lines.append(f"{saver}{where}: the optimizer step takes {win.optimizer_s:.2f} s.")
     for lighter in RECOMPUTE[: RECOMPUTE.index(lay.recompute)]:
         mem = memory(model, train, replace(lay, recompute=lighter))
         if mem.total > cluster.gpu.memory_gib:
@@ -90,7 +90,7 @@ def why_winner(
         else:
             why = f"recompute={lighter} fits but its best layout is slower"
         lines.append(f"recompute={lay.recompute}: {why}.")
-    if lay.dp > 1:
+    if lay.dp > 1 and win.dp_comm_s > 0:
         lines.append(
             f"dp={lay.dp}: gradient reduction {win.dp_comm_s:.2f} s per step, "
             f"{win.dp_exposed_s:.2f} s of it not hidden behind the backward."
@@ -101,9 +101,15 @@ def why_winner(
     return lines
 
 
+def _ends(model: ModelSpec) -> tuple[float, float]:
+    """Returns the embedding's and the output layer's cost in layer-equivalents."""
+    costs = item_costs(model)
+    return costs[0], costs[-1]
+
+
 def rejected_for_memory(result: PlanResult, limit: float, count: int = 4) -> list[str]:
     """Returns lines for the closest misses among (tp, pp) pairs that never fit."""
-    fit_pairs = {(ev.layout.tp, ev.layout.pp) for ev in result.ranked + result.alternatives}
+    fit_pairs = result.fit_pairs
     lines, seen = [], set()
     for lay, mem in result.over_memory:  # most-fitting first
         pair = (lay.tp, lay.pp)
@@ -114,61 +120,3 @@ def rejected_for_memory(result: PlanResult, limit: float, count: int = 4) -> lis
         if len(lines) == count:
             break
     return lines
-
-
-def _least_memory(
-    model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixed: Fixed
-) -> tuple[Layout, Memory] | None:
-    best: tuple[Layout, Memory] | None = None
-    for lay in enumerate_layouts(model, cluster, train, fixed):
-        mem = memory(model, train, lay)
-        if best is None or mem.total < best[1].total:
-            best = (lay, mem)
-    return best
-
-
-def suggestions(
-    model: ModelSpec, cluster: ClusterSpec, train: TrainSpec, fixed: Fixed
-) -> list[str]:
-    """Returns what would make something fit: more GPUs, recomputation, ZeRO-3, a shorter
-    sequence or a larger GPU, each with the layout that would then fit."""
-    out: list[str] = []
-    limit = cluster.gpu.memory_gib
-
-    def found(text: str, m: ModelSpec, c: ClusterSpec, f: Fixed) -> bool:
-        try:
-            ranked = plan(m, c, train, f, top=1).ranked
-        except PlanError:
-            return False
-        if ranked:
-            ev = ranked[0]
-            out.append(
-                f"{text}: {ev.layout.describe()} needs {ev.memory.total:.1f} GiB, "
-                f"{ev.step_time_s:.2f} s/step"
-            )
-        return bool(ranked)
-
-    least = _least_memory(model, cluster, train, fixed)
-    if least:
-        out.append(f"least memory here: {least[0].describe()}, {memory_reason(least[1], limit)}")
-    if fixed.recompute not in (None, "full"):
-        found("with full recomputation", model, cluster, replace(fixed, recompute="full"))
-    if fixed.zero not in (None, 3):
-        found("with ZeRO-3 (no pipeline)", model, cluster, replace(fixed, zero=3, pp=1))
-    for factor in (2, 4, 8, 16, 32, 64):
-        bigger = replace(cluster, nodes=cluster.nodes * factor)
-        if cluster.nodes == 1 and cluster.gpus_per_node * factor <= 8:
-            bigger = replace(cluster, gpus_per_node=cluster.gpus_per_node * factor)
-        if found(f"with {bigger.gpus} GPUs", model, bigger, replace(fixed, dp=None)):
-            break
-    seq = model.seq // 2
-    while seq >= 256:
-        if found(f"with sequence length {seq}", replace(model, seq=seq), cluster, fixed):
-            break
-        seq //= 2
-    for gpu in sorted(GPU_PRESETS.values(), key=lambda g: g.memory_gib):
-        if gpu.memory_gib > limit and found(
-            f"on {gpu.name}", model, replace(cluster, gpu=gpu), fixed
-        ):
-            break
-    return out

@@ -8,16 +8,32 @@ Formulas:
   GQA, SwiGLU, no dropout and fused attention change only the parts they touch;
 - micro-batches in flight on each stage: what the schedule's registry entry declares, e.g.
   p - stage for 1F1B, and for stage 0 the factor (1 + (p-1)/(p v)) of the interleaved
-  schedule (Korthikanti et al. 2022, Sec. 4.2.3).
+  schedule (Korthikanti et al. 2022, Sec. 4.2.3);
+- bytes per parameter of each training mode, 8-bit states and offload: planner/modes.py.
+
+Every worker is costed with its own layers (stages may be uneven); the layout's memory is
+the worst worker's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import lru_cache
 
+from layerwise.planner import modes
 from layerwise.planner.bubble import schedule_name
+from layerwise.planner.params import (
+    adapted_matrices,
+    adapter_params,
+    embedding_params,
+    layer_params,
+    total_params,
+)
 from layerwise.planner.specs import Layout, ModelSpec, TrainSpec
+from layerwise.planner.stages import resolve, stage_map, worker_layers
 from layerwise.schedules import registry
+
+__all__ = ["Memory", "embedding_params", "layer_params", "memory", "total_params"]
 
 GIB = float(2**30)
 # Fixed per-GPU reserve: CUDA context, cuBLAS/NCCL workspaces, allocator slack (a documented
@@ -31,55 +47,27 @@ PEAK_AS = {"zb-h1": "1f1b"}
 
 @dataclass(frozen=True)
 class Memory:
-    """Per-GPU memory in GiB of the most loaded pipeline stage."""
+    """Per-GPU memory in GiB of the most loaded pipeline worker; ``host`` is what one GPU
+    keeps in host memory (offloaded optimizer states), not part of the total."""
 
     weights: float
     gradients: float
     optimizer: float
     activations: float
     buffers: float
+    host: float = 0.0
 
     @property
     def total(self) -> float:
-        """Returns the sum of all parts, in GiB."""
+        """Returns the sum of the GPU parts, in GiB."""
         return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
 
     def as_dict(self) -> dict[str, float]:
-        """Returns the parts and the total as a JSON-ready dict, rounded to 0.01 GiB."""
-        parts = {k: round(v, 2) for k, v in asdict(self).items()}
-        parts["total"] = round(self.total, 2)
-        return parts
-
-
-def layer_params(m: ModelSpec) -> float:
-    """Returns the parameters of one transformer layer (weights, biases, norms)."""
-    h, d = m.hidden, m.hidden // m.heads
-    qkv = h * (m.heads + 2 * m.kv) * d
-    mlp = (3 if m.gated_mlp else 2) * h * m.ffn_size
-    biases = 0 if m.gated_mlp else (m.heads + 2 * m.kv) * d + h + m.ffn_size + h
-    return qkv + h * h + mlp + biases + 4 * h  # 4h: two norms with scale and shift
-
-
-def embedding_params(m: ModelSpec) -> float:
-    """Returns the parameters of the input embedding (with the position table if any)."""
-    return m.vocab * m.hidden + (m.seq * m.hidden if m.learned_positions else 0)
-
-
-def total_params(m: ModelSpec) -> float:
-    """Returns the parameter count of the whole model."""
-    head = 0 if m.tied_embeddings else m.vocab * m.hidden
-    return m.layers * layer_params(m) + embedding_params(m) + head + 2 * m.hidden
-
-
-def stage_params(m: ModelSpec, lay: Layout) -> tuple[float, float]:
-    """Returns the parameters per GPU of the (first, last) pipeline stage."""
-    body = m.layers / lay.pp * layer_params(m) / lay.tp
-    emb = embedding_params(m) / lay.tp
-    # A tied head is still a copy on the last stage when it is not the first (Megatron).
-    head = m.vocab * m.hidden / lay.tp if (lay.pp > 1 or not m.tied_embeddings) else 0.0
-    if lay.pp == 1:
-        return body + emb + head, body + emb + head
-    return body + emb, body + head
+        """Returns the GPU parts and their total as a JSON-ready dict, rounded to 0.01 GiB."""
+        parts = ("weights", "gradients", "optimizer", "activations", "buffers")
+        out = {k: round(getattr(self, k), 2) for k in parts}
+        out["total"] = round(self.total, 2)
+        return out
 
 
 def layer_activation_bytes(m: ModelSpec, lay: Layout, stored: bool = True) -> float:
@@ -113,42 +101,100 @@ def layer_activation_bytes(m: ModelSpec, lay: Layout, stored: bool = True) -> fl
 
 
 def inflight_microbatches(lay: Layout, num_microbatches: int, stage: int = 0) -> float:
-    """Returns how many micro-batches' worth of stage activations ``stage`` holds at peak:
+    """Returns how many micro-batches' worth of its activations worker ``stage`` holds at peak:
     the registry's count of (chunk, micro-batch) activations, a chunk being 1/v of a stage.
     Interleaved: Megatron's warm-up of (v-1)p + 2(p-1-stage) + 1 chunk-micro-batches, for
     stage 0 p(1 + (p-1)/(pv)) (Korthikanti Sec. 4.2.3)."""
-    p, m, v = lay.pp, num_microbatches, lay.vpp
-    name = schedule_name(lay.schedule, v)
-    return registry.get(PEAK_AS.get(name, name)).peak_inflight(p, m, v, stage) / v
+    return _peaks(lay, num_microbatches)[stage]
 
 
-def memory(m: ModelSpec, train: TrainSpec, lay: Layout) -> Memory:
-    """Returns the per-GPU memory of the most loaded stage (first or last) in GiB."""
-    first, last = stage_params(m, lay)
-    w_bytes = 4 if train.precision == "fp32" else 2
-    g_bytes = 4 if (train.fp32_grads or train.precision == "fp32") else 2
-    master = 0 if train.precision == "fp32" else 4  # fp32 copy for mixed precision
-    states = 8 if train.optimizer == "adam" else 4  # Adam m and v, or SGD momentum
-    d = lay.dp
-    num_mb = train.global_batch // (lay.dp * lay.micro_batch)
-    stage_act = m.layers / lay.pp * layer_activation_bytes(m, lay)
+def _peaks(lay: Layout, num_microbatches: int) -> tuple[float, ...]:
+    """Returns :func:`inflight_microbatches` of every worker."""
+    name = schedule_name(lay.schedule, lay.vpp)
+    return _spec_peaks(registry.get(PEAK_AS.get(name, name)), lay.pp, num_microbatches, lay.vpp)
+
+
+@lru_cache(maxsize=4096)
+def _spec_peaks(spec: registry.ScheduleSpec, p: int, m: int, v: int) -> tuple[float, ...]:
+    # keyed on the registry entry itself, so a schedule registered again is asked again
+    return tuple(spec.peak_inflight(p, m, v, w) / v for w in range(p))
+
+
+def _activations(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple[float, float]:
+    """Returns (bytes per layer and in-flight micro-batch, bytes the first worker adds per
+    in-flight micro-batch); in inference, (0, the whole working set of one worker)."""
+    sbh = m.seq * lay.micro_batch * m.hidden
+    split = lay.tp if lay.sequence_parallel else 1
+    if not modes.has_backward(train.mode):
+        # Inference keeps nothing for a backward: the layer being computed (its activations
+        # for one micro-batch bound its working set) plus the stage's input and output.
+        return 0.0, layer_activation_bytes(m, lay) + 2 * 2.0 * sbh / split
+    per_layer = layer_activation_bytes(m, lay)
+    if train.mode == "lora" and lay.recompute != "full":
+        # the rank-r intermediate x A of every adapted matrix, bf16
+        per_layer += 2.0 * m.seq * lay.micro_batch * train.lora_rank * len(adapted_matrices(m))
     # Embedding output dropout mask per in-flight micro-batch (Korthikanti Sec. 4.3).
-    emb_mask = m.seq * lay.micro_batch * m.hidden / (lay.tp if lay.sequence_parallel else 1)
-    best: Memory | None = None
-    for params, stage in ((first, 0), (last, lay.pp - 1)):
-        weights = params * w_bytes / (d if lay.zero >= 3 else 1)
-        grads = params * g_bytes / (d if lay.zero >= 2 else 1)
-        opt = params * (master + states) / (d if lay.zero >= 1 else 1)
-        inflight = inflight_microbatches(lay, num_mb, stage)
-        act = inflight * (stage_act + (emb_mask if stage == 0 else 0.0))
-        # Buffers: fp32 logits and their gradient on the last stage (cross-entropy),
-        # a gathered layer for ZeRO-3, the fixed reserve.
-        is_last = stage == lay.pp - 1
-        logits = 8.0 * m.seq * lay.micro_batch * m.vocab / lay.tp if is_last else 0.0
-        gathered = 2 * layer_params(m) / lay.tp * w_bytes if lay.zero >= 3 else 0.0
-        buffers = (logits + gathered) / GIB + RESERVED_GIB
-        mem = Memory(weights / GIB, grads / GIB, opt / GIB, act / GIB, buffers)
-        if best is None or mem.total > best.total:
-            best = mem
-    assert best is not None
-    return best
+    return per_layer, sbh / split
+
+
+def _states(
+    m: ModelSpec, train: TrainSpec, lay: Layout, layers: int, first: bool, last: bool
+) -> tuple[float, float, float, float]:
+    """Returns (weights, gradients, optimizer on GPU, optimizer in host memory) in bytes of
+    one GPU of a worker with ``layers`` layers, the embedding if ``first``, the output layer
+    if ``last`` (a tied one is still a copy when it is not on the first worker)."""
+    t, d = lay.tp, lay.dp
+    params = layers * layer_params(m) / t
+    params += embedding_params(m) / t if first else 0.0
+    params += m.vocab * m.hidden / t if last and not (first and m.tied_embeddings) else 0.0
+    if train.mode == "full":
+        trained, weights = params, params * modes.weight_bytes(train)
+    else:
+        trained = layers * adapter_params(m, train.lora_rank) / t if train.mode == "lora" else 0
+        weights = params * modes.FROZEN_WEIGHT_BYTES + trained * modes.weight_bytes(train)
+    grads = trained * modes.grad_bytes(train)
+    opt = trained * modes.optimizer_bytes(train, lay)
+    weights /= d if lay.zero >= 3 else 1
+    grads /= d if lay.zero >= 2 else 1
+    opt /= d if lay.zero >= 1 else 1
+    return (weights, grads, 0.0, opt) if lay.offload else (weights, grads, opt, 0.0)
+
+
+def memory(
+    m: ModelSpec, train: TrainSpec, lay: Layout, split: tuple[int, ...] | None = None
+) -> Memory:
+    """Returns the per-GPU memory of the most loaded worker in GiB, its stages holding the
+    layers of ``split`` (default: the layout's own split, or the default one)."""
+    split = split or resolve(m, lay)
+    owners = stage_map(lay)
+    per_worker = worker_layers(split, owners, lay.pp)
+    frozen = train.mode != "full"
+    w_bytes = modes.FROZEN_WEIGHT_BYTES if frozen else modes.weight_bytes(train)
+    # Buffers: fp32 logits (and their gradient when there is a backward) on the last worker,
+    # a gathered layer for ZeRO-3, the fixed reserve.
+    logit_bytes = 8.0 if modes.has_backward(train.mode) else 4.0
+    logits = logit_bytes * m.seq * lay.micro_batch * m.vocab / lay.tp
+    gathered = 2 * layer_params(m) / lay.tp * w_bytes if lay.zero >= 3 else 0.0
+    per_layer, first_extra = _activations(m, train, lay)
+    peaks = _peaks(lay, train.global_batch // (lay.dp * lay.micro_batch))
+    if not modes.has_backward(train.mode):
+        peaks = tuple(1.0 for _ in peaks)
+    states: dict[tuple[int, bool, bool], tuple[float, float, float, float]] = {}
+    worst: tuple[float, ...] = ()
+    host = 0.0
+    for w, layers in enumerate(per_worker):
+        first, last = w == owners[0], w == owners[-1]
+        key = (layers, first, last)
+        if key not in states:
+            states[key] = _states(m, train, lay, layers, first, last)
+        weights, grads, opt, offloaded = states[key]
+        extra = first_extra if first or not modes.has_backward(train.mode) else 0.0
+        act = peaks[w] * (layers * per_layer + extra)
+        buffers = (logits if last else 0.0) + gathered
+        total = weights + grads + opt + act + buffers
+        host = max(host, offloaded)
+        if not worst or total > worst[0]:
+            worst = (total, weights, grads, opt, act, buffers)
+    _, weights, grads, opt, act, buffers = worst
+    return Memory(weights / GIB, grads / GIB, opt / GIB, act / GIB,
+                  buffers / GIB + RESERVED_GIB, host / GIB)  # fmt: skip

@@ -22,6 +22,11 @@ DEFAULT_SCHEDULE = "1f1b"
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adam", "sgd")
+# full: every weight trained; lora: frozen base, trained low-rank adapters (Hu et al. 2021);
+# frozen: no weight trained, backward only carries gradients to the inputs; inference:
+# forward only. docs/planner.md, "Training modes", defines each.
+MODES = ("full", "lora", "frozen", "inference")
+OPTIMIZER_BITS = (32, 8)
 
 
 def _flag(field: str) -> str:
@@ -152,24 +157,27 @@ class GPUSpec:
     hbm_gbps: float  # memory bandwidth
     nvlink_gbps: float  # per-GPU, one direction, inside a node
     network_gbps: float  # per-GPU share of the inter-node network, one direction
+    host_gbps: float = 32.0  # the GPU's link to host memory (PCIe x16), one direction
 
     def __post_init__(self) -> None:
         """Raises PlanError for a rate or capacity that is not a positive number."""
         check_fields(self, positive=("peak_tflops", "memory_gib", "hbm_gbps", "nvlink_gbps",
-                                     "network_gbps"))  # fmt: skip
+                                     "network_gbps", "host_gbps"))  # fmt: skip
 
 
 GPU_PRESETS: dict[str, GPUSpec] = {
     g.name: g
     for g in [
-        # Vendor datasheets (SXM parts); network = one 200/400 Gb/s NIC per GPU as on DGX.
-        GPUSpec("v100-32gb", 125.0, 32.0, 900.0, 150.0, 12.5),
-        GPUSpec("a100-40gb", 312.0, 40.0, 1555.0, 300.0, 25.0),
-        GPUSpec("a100-80gb", 312.0, 80.0, 2039.0, 300.0, 25.0),
-        GPUSpec("h100-80gb", 989.0, 79.6, 3350.0, 450.0, 50.0),
-        GPUSpec("h200-141gb", 989.0, 140.0, 4800.0, 450.0, 50.0),
-        GPUSpec("b200-192gb", 2250.0, 178.0, 8000.0, 900.0, 50.0),
-        GPUSpec("mi300x-192gb", 1307.0, 192.0, 5300.0, 448.0, 50.0),
+        # Vendor datasheets (SXM parts); network = one 200/400 Gb/s NIC per GPU as on DGX;
+        # host = the PCIe x16 link of the GPU's generation, one direction (3.0: 16 GB/s,
+        # 4.0: 32 GB/s, 5.0: 64 GB/s).
+        GPUSpec("v100-32gb", 125.0, 32.0, 900.0, 150.0, 12.5, 16.0),
+        GPUSpec("a100-40gb", 312.0, 40.0, 1555.0, 300.0, 25.0, 32.0),
+        GPUSpec("a100-80gb", 312.0, 80.0, 2039.0, 300.0, 25.0, 32.0),
+        GPUSpec("h100-80gb", 989.0, 79.6, 3350.0, 450.0, 50.0, 64.0),
+        GPUSpec("h200-141gb", 989.0, 140.0, 4800.0, 450.0, 50.0, 64.0),
+        GPUSpec("b200-192gb", 2250.0, 178.0, 8000.0, 900.0, 50.0, 64.0),
+        GPUSpec("mi300x-192gb", 1307.0, 192.0, 5300.0, 448.0, 50.0, 64.0),
     ]
 }
 
@@ -181,14 +189,23 @@ class ClusterSpec:
     gpu: GPUSpec
     gpus_per_node: int = 8
     nodes: int = 1
+    # CPU memory of one node in GiB, where offloaded optimizer states go; None: not known,
+    # so no offload can be checked (math.inf: assume any amount, to report what is needed).
+    host_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
-        """Raises PlanError for a cluster without GPUs."""
+        """Raises PlanError for a cluster without GPUs or a host memory that is not positive."""
         if self.gpus_per_node < 1 or self.nodes < 1:
             raise PlanError(
                 f"a cluster needs at least one node of at least one GPU, got {self.nodes} "
                 f"node(s) of {self.gpus_per_node} GPUs; set --gpus-per-node and --nodes (or "
                 f"--gpus) to 1 or more"
+            )
+        host = self.host_memory_gib
+        if host is not None and not host > 0:  # also refuses NaN
+            raise PlanError(
+                f"ClusterSpec.host_memory_gib must be a positive number, got {host}; set "
+                f"--host-memory-gib to the CPU memory of one node in GiB"
             )
 
     @property
@@ -210,10 +227,14 @@ class TrainSpec:
     # Megatron-2021 reduced gradients after the pipeline flush; newer stacks overlap the
     # reduction with the last micro-batch's backward.
     overlap_grad_reduce: bool = True
+    mode: str = "full"  # one of MODES
+    lora_rank: int = 16  # r of the LoRA adapters (mode "lora")
 
     def __post_init__(self) -> None:
-        """Raises PlanError for an empty batch or an unknown precision or optimizer."""
-        check_fields(self, ("global_batch",))
+        """Raises PlanError for an empty batch or an unknown precision, optimizer or mode."""
+        check_fields(self, ("global_batch", "lora_rank"))
+        if self.mode not in MODES:
+            raise PlanError(f"--mode must be one of {', '.join(MODES)}, not {self.mode}")
         if self.precision not in PRECISIONS:
             raise PlanError(
                 f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision}"
@@ -237,6 +258,11 @@ class Layout:
     sequence_parallel: bool = False
     zero: int = 0  # 0 none, 1 optimizer states (= distributed optimizer), 2 + grads, 3 + weights
     schedule: str = DEFAULT_SCHEDULE  # one of schedules(); vpp > 1 runs its interleaved form
+    # Transformer layers of each of the pp x vpp stages in model order; empty: the default
+    # split (the exact min-max partition, planner/stages.py).
+    stage_layers: tuple[int, ...] = ()
+    offload: bool = False  # optimizer states in host memory, stepped there (ZeRO-Offload)
+    optimizer_bits: int = 32  # 8: blockwise 8-bit optimizer states (Dettmers et al. 2022)
 
     def describe(self) -> str:
         """Returns a short one-line name such as ``dp8 tp8 pp4 v2 mb1 full sp z1``."""
@@ -247,9 +273,26 @@ class Layout:
         if self.sequence_parallel:
             parts.append("sp")
         parts.append(f"z{self.zero}")
+        if self.optimizer_bits != 32:
+            parts.append(f"{self.optimizer_bits}bit")
+        if self.offload:
+            parts.append("offload")
         if self.schedule != DEFAULT_SCHEDULE:
             parts.append(self.schedule)
+        if self.stage_layers:
+            parts.append("split " + compact_split(self.stage_layers))
         return " ".join(parts)
+
+
+def compact_split(stage_layers: tuple[int, ...]) -> str:
+    """Returns a split written with runs folded, e.g. ``5,6x10,5`` for (5, 6, ..., 6, 5)."""
+    runs: list[list[int]] = []
+    for n in stage_layers:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return ",".join(str(n) if k == 1 else f"{n}x{k}" for n, k in runs)
 
 
 def schedules() -> tuple[str, ...]:

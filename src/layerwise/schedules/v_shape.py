@@ -12,11 +12,12 @@ same time: the first chunk of worker w is held for a round trip of 4p - 2w stage
 chunk for 2w + 2, so each worker's sum is about 4p. That balance is what lets a memory limit
 per worker decide the whole schedule's memory.
 
-The paper builds its schedules from repeating building blocks; here one list scheduler builds
-all three, on unit costs (F = I = W = 1 per chunk) and a limit on the (stage, micro-batch)
-activations a worker holds, counted from the start of F to the end of W as
-``Timeline.peak_inflight`` counts them. A chunk is half a 1F1B stage, so 1F1B's first worker,
-holding p whole-stage activations, holds 2p chunk activations.
+The paper builds its schedules from repeating building blocks. Here v-min is built that way
+(:mod:`v_blocks`); zb-v and v-half come from one list scheduler, on unit costs (F = I = W = 1
+per chunk) and a limit on the (stage, micro-batch) activations a worker holds, counted from
+the start of F to the end of W as ``Timeline.peak_inflight`` counts them. A chunk is half a
+1F1B stage, so 1F1B's first worker, holding p whole-stage activations, holds 2p chunk
+activations.
 
 =========  ======================  ==============================================
 schedule   limit (chunks)          the paper's figure (whole-stage micro-batches)
@@ -26,12 +27,13 @@ v-half     min(p + 2, 2p)          (p + 2) // 2, about half of 1F1B
 v-min      2 * ((p + 4) // 3)      (p + 4) // 3, about a third of 1F1B
 =========  ======================  ==============================================
 
-A worker's peak is ``min(limit, 2m)``: the scheduler fills the limit whenever there are
-micro-batches enough. With F = I = W, zb-v has no idle time but the start-up (worker w cannot
-start before w forwards have passed), so a step takes 6m + p - 1 units; v-half idles a fixed
-time more in the warm-up and cool-down, whatever m; v-min idles in the steady state too, since
-its limit leaves a micro-batch's round trip next to no slack (our count holds an activation
-until its W ends).
+A list-scheduled worker's peak is ``min(limit, 2m)``: the scheduler fills the limit whenever
+there are micro-batches enough; v-min's block stays within its limit and its peak per worker
+is whatever its order gives. With F = I = W, zb-v has no idle time but the start-up (worker w
+cannot start before w forwards have passed), so a step takes 6m + p - 1 units; v-half and
+v-min idle a fixed time more in the warm-up and cool-down, whatever m. (A v-half built from
+blocks, with a unit of slack per worker on the way up, idles more than the list scheduler at
+p = 4 and less from p = 8 on; the list scheduler stays.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from layerwise.schedules import generators, zero_bubble  # noqa: F401
 from layerwise.schedules.ir import Action, Schedule, ScheduleError, check_sizes
 from layerwise.schedules.registry import ScheduleSpec, register, stage_worker
+from layerwise.schedules.v_blocks import block_lists, tight_block, tight_block_peaks
 
 CHUNKS = 2  # stages per worker in a V
 
@@ -233,16 +236,22 @@ def v_half(num_workers: int, num_microbatches: int, chunks: int = CHUNKS) -> Sch
 
 
 def v_min(num_workers: int, num_microbatches: int, chunks: int = CHUNKS) -> Schedule:
-    """V-Min (Qi et al. 2024): the V under 2 * ((p + 4) // 3) chunk activations per worker,
-    about a third of 1F1B's. A micro-batch holds a worker's slots for about 4p units in all
-    (its first chunk for the round trip, its second for a short turn) while the worker spends
-    6 units on it, so some 2p/3 + 1 slots leave that round trip next to no slack, and workers
-    idle in the steady state too. On unit costs the bubble is about 1F1B's at m = 2p (30% of
-    the step at p = 8, m = 16, as 1F1B) and, as it does not shrink with m as fast, above it
-    for more micro-batches."""
+    """V-Min (Qi et al. 2024): the V at about a third of 1F1B's activation memory, built as
+    the paper builds it, from a repeating building block (:mod:`v_blocks`) rather than by
+    list scheduling: the tightest block, each action a unit after its input, repeated every
+    six units, so a worker holds its two lifespans (about 4p units) over six, about 2p/3
+    chunk activations, and never more than 2 * ((p + 4) // 3). Its idle time is the block's
+    ramp at the start and end, about 2p/3 of a micro-batch's work per worker whatever m, so
+    the bubble shrinks as m grows (at m = 4p: 10% of the step at p = 4, 13% at p = 16,
+    against 1F1B's 16% and 19%)."""
     check_v_chunks("v-min", chunks)
-    return v_list_schedule(
-        "v-min", num_workers, num_microbatches, v_min_limit(num_workers), fill_last_slot=False
+    check_sizes(num_workers, num_microbatches, CHUNKS)
+    lists = block_lists(num_workers, num_microbatches, tight_block(num_workers))
+    return Schedule(
+        name="v-min",
+        num_microbatches=num_microbatches,
+        stage_worker=stage_worker("v", num_workers, CHUNKS),
+        actions=tuple(tuple(acts) for acts in lists),
     )
 
 
@@ -284,10 +293,11 @@ register(
     ScheduleSpec(
         name="v-min",
         generator=v_min,
-        description="the V of zb-v under about a third of 1F1B's activation memory "
-        "(2 * ((p + 4) // 3) chunks per worker), idle in the steady state too: about 1F1B's "
-        "bubble at m = 2p, more beyond",
-        peak_inflight=_peak(v_min_limit),
+        description="the V of zb-v from a repeating building block, at about a third of "
+        "1F1B's activation memory (at most 2 * ((p + 4) // 3) chunks per worker): idle only "
+        "in the block's ramp at start and end, less than 1F1B",
+        # the block fixes each worker's order, and the order its memory (see v_blocks)
+        peak_inflight=lambda p, m, v, w: tight_block_peaks(p, m)[w],
         aliases=("vmin",),
         chunks_default=CHUNKS,
         chunks_allowed=(CHUNKS, CHUNKS),
