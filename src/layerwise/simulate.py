@@ -160,14 +160,19 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
 def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> Costs:
     """Return the costs a run of ``schedule`` actually had, read off measured timelines.
 
-    Each stage gets its mean F, B (or I and W) duration. The point-to-point latency is the
-    median hand-off: the delay from a remote dependency's end to the start of the action
-    that was waiting for it, counted only where that worker had nothing else to do (else the
-    delay is its own work, not the message's). Simulating ``schedule`` with these costs
-    gives a prediction whose remaining gap to the measurement is contention and noise.
+    Each stage gets its mean F, B (or I and W) duration, plus the worker's *dispatch* time:
+    the median gap between two consecutive actions of a worker when the second one's inputs
+    were already there, the runtime's own work between actions (posting receives, reaping
+    sends, hooks), which the simulator has no other place for and which weighs more the more
+    and shorter the actions are. The point-to-point latency is the median hand-off: the delay
+    from a remote dependency's end to the start of the action that was waiting for it,
+    counted only where that worker had nothing else to do (else the delay is its own work,
+    not the message's). Simulating ``schedule`` with these costs gives a prediction whose
+    remaining gap to the measurement is contention and noise.
     """
     durations: dict[tuple[str, int], list[float]] = {}
     handoffs: list[float] = []
+    gaps: list[float] = []  # between a worker's consecutive actions, inputs ready
     for tl in timelines:
         ends = {
             Action(e.stage, e.kind, e.microbatch): e.end  # type: ignore[arg-type]
@@ -188,11 +193,18 @@ def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> Costs:
                 ]
                 if remote and max(remote) >= prev_end:
                     handoffs.append(max(0.0, e.start - max(remote)))
+                elif prev_end > -math.inf:
+                    gaps.append(max(0.0, e.start - prev_end))
                 prev_end = e.end
+
+    dispatch = statistics.median(gaps) if gaps else 0.0
 
     def mean(kind: str) -> list[float]:
         return [
-            statistics.fmean(durations.get((kind, s), [0.0])) for s in range(schedule.num_stages)
+            statistics.fmean(durations.get((kind, s), [0.0])) + dispatch
+            if (kind, s) in durations
+            else 0.0
+            for s in range(schedule.num_stages)
         ]
 
     latency = statistics.median(handoffs) if handoffs else 0.0
