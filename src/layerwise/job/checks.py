@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from layerwise.job.data import require_text
 from layerwise.runtime.executor import RECOMPUTE_MODES
 from layerwise.schedules import chunks_for, get, problems, specs
 
@@ -125,12 +126,7 @@ def check_data(path: str | None) -> None:
     if not p.exists():
         raise ValueError(f"--data {path!r} does not exist; give a text file or a folder")
     if p.is_file():
-        with p.open("rb") as f:
-            if b"\0" in f.read(8192):
-                raise ValueError(
-                    f"--data {path!r} is not text (it holds NUL bytes); give a text file or a "
-                    f"folder of text files"
-                )
+        require_text(p)
 
 
 def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> None:

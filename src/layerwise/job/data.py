@@ -53,6 +53,16 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(_SNIFF_BYTES)
 
 
+def require_text(path: Path) -> None:
+    """Raise ValueError if the file ``path`` is not text: the job reads bytes, so a binary
+    file would train without complaint."""
+    if not _is_text(path):
+        raise ValueError(
+            f"--data {str(path)!r} is not text (it holds NUL bytes); give a text file or a "
+            f"folder of text files"
+        )
+
+
 def _concatenate(files: Sequence[Path], max_bytes: int) -> bytes:
     """Join the files with newlines, in order, truncating to ``max_bytes``."""
     chunks: list[bytes] = []
@@ -80,11 +90,7 @@ def _corpus_files(path: str | Path | None) -> tuple[Path, list[Path], str]:
     if not root.exists():
         raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
     if root.is_file():
-        if not _is_text(root):
-            raise ValueError(
-                f"--data {str(root)!r} is not text (it holds NUL bytes); give a text file or "
-                f"a folder of text files"
-            )
+        require_text(root)
         return root.parent, [root], repr(str(root))
     return root, [p for p in _sorted_files(root) if _is_text(p)], repr(str(root))
 
