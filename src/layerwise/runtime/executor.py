@@ -195,8 +195,8 @@ class Executor:
             plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in micro_batches]
         if sched.num_workers > 1:
             first = sched.stage_worker[0]
-            changed = self.from_last(
-                sched, float(plan != self._last_plan), PLAN_TAG, "the step's shapes", src=first
+            changed = self.transport.share_number(
+                float(plan != self._last_plan), first, PLAN_TAG, "the step's shapes"
             )
             if changed:
                 box = [plan]
@@ -210,14 +210,11 @@ class Executor:
         self._last_plan = plan
         return plan
 
-    def from_last(
-        self, sched: Schedule, number: float, tag: int, what: str, src: int | None = None
-    ) -> float:
-        """Return the number of the last stage's worker (or of ``src``) on every worker."""
+    def from_last(self, sched: Schedule, number: float, tag: int, what: str) -> float:
+        """Return the number of the last stage's worker on every worker."""
         if sched.num_workers == 1:
             return number
-        owner = sched.stage_worker[-1] if src is None else src
-        return self.transport.share_number(number, owner, tag, what)
+        return self.transport.share_number(number, sched.stage_worker[-1], tag, what)
 
     def _outputs(self, st: Step) -> Any:
         parts = [st.outputs[i] for i in range(len(st.rows))]
