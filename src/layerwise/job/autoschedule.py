@@ -2,8 +2,8 @@
 
 The pipeline starts with the registry's ``auto`` (equal stages), is calibrated on the first
 batch, and then adopts the order :func:`layerwise.schedules.synthesize` finds for the
-measured costs under ``--memory-cap``. The first worker searches and sends the result to
-the others (a search with a time limit need not end the same way on every process), and
+measured costs under ``--memory-cap``. The job's first rank searches and sends the result to
+every other (a search with a time limit need not end the same way on every process), and
 the order is kept as ``schedule.txt`` in the run directory, so that a resumed run goes on
 with exactly the same one.
 """
@@ -28,19 +28,21 @@ def memory_cap(cap: float | None, workers: int, microbatches: int) -> float:
 
 
 def adopt_searched(pipe: Pipeline, costs: Costs, cap: float | None, run_dir: Path) -> Schedule:
-    """Search a schedule for ``costs`` on the pipeline's stages, share it from the first
-    worker, switch the pipeline to it and save it in ``run_dir`` (collective)."""
+    """Search a schedule for ``costs`` on the pipeline's stages, share it from the job's
+    first rank, switch the pipeline to it and save it in ``run_dir`` (collective over the
+    whole job: data-parallel replicas must run one order, or their gradient reductions,
+    launched stage by stage, would be posted in different orders)."""
     sched = pipe.schedule
     box: list[Any] = [None]
-    if pipe.worker == 0:
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
         found = synthesize(costs, sched.num_workers, sched.num_microbatches,
                            memory_cap(cap, sched.num_workers, sched.num_microbatches),
                            placement="looped", chunks=sched.chunks)  # fmt: skip
         box[0] = to_text(found)
         (run_dir / SCHEDULE_FILE).write_text(box[0])
-    if pipe.num_workers > 1:
-        first = dist.get_global_rank(pipe.group, 0) if pipe.group is not None else 0
-        dist.broadcast_object_list(box, src=first, group=pipe.group)
+    if distributed and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
     chosen = from_text(box[0])
     pipe.reschedule(chosen)
     return chosen
