@@ -24,7 +24,7 @@ CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(
 
 def losses(run_dir: str | Path) -> list[float]:
     lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
-    return [json.loads(ln)["loss"] for ln in lines]
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
 @pytest.fixture(scope="module")

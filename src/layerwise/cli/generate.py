@@ -49,9 +49,9 @@ def _check_checkpoint(run_dir: Path) -> None:
     from layerwise.job.config import load_config
 
     load_config(run_dir)  # names the directory if it holds no run
-    # the pointer to the latest checkpoint is written only once a checkpoint is complete
-    pointer = run_dir / "checkpoints" / "latest.json"
-    if not pointer.exists():
+    from layerwise.job.ckpt_files import step_dirs
+
+    if not step_dirs(run_dir / "checkpoints"):  # a folder gets its final name once complete
         raise FileNotFoundError(
             f"{run_dir} has no checkpoint yet (one is saved every --save-interval steps and "
             f"at the end); train it further with 'layerwise train --resume {run_dir}'"

@@ -12,7 +12,7 @@ from typing import Any
 
 from layerwise.cli.schedule_flags import schedule_options
 from layerwise.job.checks import check_writable
-from layerwise.job.launcher import relaunch, under_torchrun
+from layerwise.job.launcher import under_torchrun
 from layerwise.parallel.mesh import describe_mesh
 
 FLAGS: dict[str, tuple[type, str]] = {
@@ -54,6 +54,16 @@ FLAGS: dict[str, tuple[type, str]] = {
     "eval_interval": (int, "steps between validation losses"),
     "save_interval": (int, "steps between checkpoints"),
     "timeout": (float, "seconds any worker waits for a peer before failing"),
+    "max_restarts": (
+        int,
+        "restarts after a worker is lost (killed, crashed, hung past --timeout): the job "
+        "resumes from its newest whole checkpoint by itself; 0 stops at the first loss",
+    ),
+    "on_save_error": (
+        str,
+        "stop | continue: what a checkpoint that cannot be written (a full disk) does; "
+        "the last good one is kept either way",
+    ),
 }
 
 
@@ -98,14 +108,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     }
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_config(run_dir)
-        changed = {k: v for k, v in given.items() if k in cfg.layout() and cfg.layout()[k] != v}
-        if changed:
-            raise ValueError(
-                f"cannot resume {run_dir} with a different layout: {changed} vs saved "
-                f"{ {k: cfg.layout()[k] for k in changed} }; resume on the same layout"
-            )
-        cfg = dataclasses.replace(cfg, **given, run_dir=str(run_dir))
+        saved = load_config(run_dir)
+        cfg = dataclasses.replace(saved, **given, run_dir=str(run_dir))
+        check_resumable(run_dir, saved, cfg)
         check_config(cfg)
         return cfg, True
     if given.get("hf_config") is not None:  # workers and later commands may run elsewhere
@@ -116,31 +121,96 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     return cfg, False
 
 
+def check_resumable(run_dir: Path, saved: Any, cfg: Any) -> None:
+    """A resumed run keeps the model's architecture and needs a checkpoint; its layout may
+    change (said in one line)."""
+    from layerwise.job.ckpt_files import step_dirs
+    from layerwise.job.train import describe_layout, layout_info
+
+    differs = {
+        k: (v, cfg.architecture()[k])
+        for k, v in saved.architecture().items()
+        if cfg.architecture()[k] != v
+    }
+    if differs:
+        what = ", ".join(f"{k} {a} saved, {b} given" for k, (a, b) in differs.items())
+        raise ValueError(
+            f"cannot resume {run_dir}: the model's architecture differs ({what}); resume with "
+            f"the saved sizes, or start a new run with --run-dir"
+        )
+    if not step_dirs(run_dir / "checkpoints"):
+        raise ValueError(
+            f"cannot resume {run_dir}: it has no checkpoint (one is saved every "
+            f"--save-interval steps); start it again with --run-dir {run_dir} after removing "
+            f"it, or choose another --run-dir"
+        )
+    if layout_info(saved) != layout_info(cfg):
+        print(
+            f"layerwise train: resuming {run_dir}, saved as {describe_layout(layout_info(saved))}, "
+            f"on {describe_layout(layout_info(cfg))}",
+            flush=True,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start the job: under torchrun this process is a worker; otherwise start the workers."""
-    from layerwise.job.train import train_worker
+    """Start the job: under torchrun this process is a worker; otherwise start the workers
+    and keep them going (job.supervisor)."""
+    from layerwise.job.supervisor import RunLock, supervise
 
     cfg, resume = config_from_args(args)
     run_dir = Path(cfg.run_dir)
     if under_torchrun():
-        if not args.run_dir and not resume:  # every rank must agree on the directory
-            cfg.run_dir = f"runs/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-        resume = resume and (Path(cfg.run_dir) / "checkpoints" / "latest.json").exists()
-        return train_worker(cfg, resume=resume)
+        return _torchrun_worker(args, cfg, resume)
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise ValueError(
             f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir"
         )
     check_writable(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    layout = cfg.grid()
-    print(
-        f"layerwise train: {layout}, schedule {cfg.schedule}, "
-        f"{cfg.microbatches} micro-batches; run directory {run_dir}",
-        flush=True,
+    lock = RunLock(run_dir)  # one live job per run directory
+    try:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        layout = cfg.grid()
+        print(
+            f"layerwise train: {layout}, schedule {cfg.schedule}, "
+            f"{cfg.microbatches} micro-batches; run directory {run_dir}",
+            flush=True,
+        )
+        if layout.world > layout.pp:
+            print(describe_mesh(layout), flush=True)
+        # workers read everything from config.json: one source of truth for every rank
+        return supervise(cfg, resume)
+    finally:
+        lock.release()
+
+
+def _torchrun_worker(args: argparse.Namespace, cfg: Any, resume: bool) -> int:
+    """This process is one of torchrun's workers. After torchrun restarted the job (its own
+    ``--max-restarts``) it resumes from the newest whole checkpoint, on the world it got."""
+    from layerwise.job.supervisor import (
+        LOCK_ENV,
+        RunLock,
+        follow_parent,
+        quiet_interrupts,
+        refit,
     )
-    if layout.world > layout.pp:
-        print(describe_mesh(layout), flush=True)
-    # workers read everything from config.json: one source of truth for every rank
-    resume = resume and (run_dir / "checkpoints" / "latest.json").exists()
-    return relaunch(layout.world, ["train", str(run_dir), *(["--resume"] if resume else [])])
+    from layerwise.job.train import train_worker
+
+    follow_parent()
+    quiet_interrupts()
+    if not args.run_dir and not resume:  # every rank must agree on the directory
+        cfg.run_dir = f"runs/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.grid().world:  # an elastic restart with fewer (or more) nodes
+        fitted = refit(cfg, world)
+        if fitted is None or fitted.grid().world != world:
+            raise ValueError(f"no layout of this model runs on exactly {world} workers")
+        cfg = fitted
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(LOCK_ENV):
+        lock = RunLock(Path(cfg.run_dir))
+    try:
+        return train_worker(cfg, "required" if resume else ("if-any" if restarted else False))
+    finally:
+        if lock is not None:
+            lock.release()

@@ -48,8 +48,9 @@ def adopt_searched(pipe: Pipeline, costs: Costs, cap: float | None, run_dir: Pat
     return chosen
 
 
-def adopt_saved(pipe: Pipeline, run_dir: Path) -> Schedule:
-    """Switch a resumed pipeline to the schedule its run searched before (collective)."""
+def adopt_saved(pipe: Pipeline, run_dir: Path) -> Schedule | None:
+    """Switch a resumed pipeline to the schedule its run searched before (collective); None
+    when that order was searched for another layout (the run searches again)."""
     path = run_dir / SCHEDULE_FILE
     if not path.exists():
         raise FileNotFoundError(
@@ -57,5 +58,12 @@ def adopt_saved(pipe: Pipeline, run_dir: Path) -> Schedule:
             f"start a new run"
         )
     chosen = from_text(path.read_text())
+    now = pipe.schedule
+    if (chosen.num_workers, chosen.num_microbatches, chosen.chunks) != (
+        now.num_workers,
+        now.num_microbatches,
+        now.chunks,
+    ):
+        return None
     pipe.reschedule(chosen)
     return chosen

@@ -18,6 +18,7 @@ from layerwise.schedules import chunks_for, get, problems, specs
 BALANCE_MODES = ("uniform", "params", "time", "memory")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
+SAVE_ERROR_MODES = ("stop", "continue")
 
 
 def parse_balance(text: str, num_layers: int | None = None) -> str | list[int]:
@@ -140,6 +141,11 @@ def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> No
     if cfg.lr <= 0 or cfg.timeout <= 0:
         raise ValueError(f"--lr and --timeout must be positive, got {cfg.lr} and {cfg.timeout}")
     _choice(cfg.recompute, "recompute", RECOMPUTE_MODES)
+    _choice(getattr(cfg, "on_save_error", "stop"), "on-save-error", SAVE_ERROR_MODES)
+    if getattr(cfg, "max_restarts", 0) < 0:
+        raise ValueError(
+            f"--max-restarts must be 0 (never restart) or more, got {cfg.max_restarts}"
+        )
     cap = getattr(cfg, "memory_cap", None)
     if cap is not None and (cfg.schedule != "auto" or not cap > 0):
         raise ValueError(

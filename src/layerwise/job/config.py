@@ -50,6 +50,8 @@ class TrainConfig:
     save_interval: int = 100
     max_nonfinite: int = 3
     timeout: float = 120.0
+    max_restarts: int = 3  # restarts after a lost worker before the job gives up
+    on_save_error: str = "stop"  # stop | continue: what a failed checkpoint save does
 
     def family(self) -> ModelFamily:
         """Return the model this run trains: its family, built from the run's sizes (or, for
@@ -77,26 +79,10 @@ class TrainConfig:
     def grid(self) -> Grid:
         return Grid(dp=self.dp, pp=self.workers, tp=self.tp)
 
-    def layout(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the saved one."""
-        keys = (
-            "workers",
-            "dp",
-            "tp",
-            "zero",
-            "schedule",
-            "microbatches",
-            "chunks",
-            "model",
-            "hf_config",
-            "layers",
-            "d_model",
-            "heads",
-            "seq_len",
-            "batch_size",
-            "tie_embeddings",
-            "balance",
-        )
+    def architecture(self) -> dict[str, Any]:
+        """The fields that shape the model's tensors: a resumed run must keep them (its
+        layout, schedule and hyper-parameters may change)."""
+        keys = ("model", "hf_config", "layers", "d_model", "heads", "seq_len", "tie_embeddings")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -30,12 +31,39 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> int:
-    """Run ``python -m layerwise.job.worker <argv>`` on ``nproc`` local workers; return the
-    exit code."""
+EXIT_PEER_LOST = 75  # a worker lost a peer (died or hung): a restart may succeed
+
+
+@dataclass
+class Outcome:
+    """How one start of a job's workers ended: each failed worker's exit code (negative: the
+    signal that killed it), or ``interrupted`` when the launcher itself got SIGINT/SIGTERM."""
+
+    exitcodes: dict[int, int] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.exitcodes and not self.interrupted
+
+    @property
+    def lost_worker(self) -> bool:
+        """A worker was killed by a signal not sent by the launcher, or a worker lost a peer:
+        a failure the job may survive by restarting (an error in the code would recur)."""
+        lost = (c for c in self.exitcodes.values() if c < 0 and c != -signal.SIGTERM)
+        return any(True for _ in lost) or EXIT_PEER_LOST in self.exitcodes.values()
+
+
+def launch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> Outcome:
+    """Run ``python -m layerwise.job.worker <argv>`` on ``nproc`` local workers once."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # the job reports failures itself, in one line; torch's agent would add a page of logs
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # share the cores between workers (and keep torchrun from warning that it does so)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(
@@ -53,15 +81,25 @@ def relaunch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> 
     try:
         run(args)
     except ChildFailedError as err:
-        print(
-            describe_failures({r: f.exitcode for r, f in err.failures.items()}),
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
-    except KeyboardInterrupt:
-        print("layerwise: interrupted; workers stopped", file=sys.stderr)
+        codes = {r: f.exitcode for r, f in err.failures.items()}
+        if any(c == -signal.SIGINT for c in codes.values()):  # Ctrl-C reached the workers
+            return Outcome(codes, interrupted=True)
+        return Outcome(codes)
+    except (KeyboardInterrupt, SignalException):
+        return Outcome(interrupted=True)
+    return Outcome()
+
+
+def relaunch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> int:
+    """Run the workers once; turn a failure into one line that names the worker, and
+    return the exit code (130 after Ctrl-C)."""
+    outcome = launch(nproc, argv, monitor_interval)
+    if outcome.interrupted:
+        print("layerwise: interrupted; workers stopped", file=sys.stderr, flush=True)
         return 130
+    if outcome.exitcodes:
+        print(describe_failures(outcome.exitcodes), file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -73,7 +111,11 @@ def describe_failures(exitcodes: dict[int, int]) -> str:
     failed = sorted(r for r, code in exitcodes.items() if code >= 0)
     stopped = sorted(r for r, code in exitcodes.items() if code == term)
     parts = [f"worker {r} was killed by {signal.Signals(-exitcodes[r]).name}" for r in killed]
-    parts += [f"worker {r} exited with code {exitcodes[r]}" for r in failed]
+    parts += [
+        f"worker {r} lost a peer" if exitcodes[r] == EXIT_PEER_LOST
+        else f"worker {r} exited with code {exitcodes[r]}"
+        for r in failed
+    ]  # fmt: skip
     if stopped:
         parts.append(
             f"worker{'s' if len(stopped) > 1 else ''} "

@@ -47,11 +47,27 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
         except ValueError:
             unreadable += 1
             continue
+        if isinstance(record, dict) and "event" in record:
+            continue  # a lost worker, a recovery: see read_events
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
         else:
             unreadable += 1
     return records, unreadable
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The job's events in metrics.jsonl: workers lost, recoveries."""
+    path = run_dir / "metrics.jsonl"
+    events = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            events.append(record)
+    return events
 
 
 def health(metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,12 +79,11 @@ def health(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
-    """Return the step of the latest complete checkpoint, or None if none was saved."""
-    pointer = run_dir / "checkpoints" / "latest.json"
-    try:
-        return int(json.loads(pointer.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """Return the step of the newest finished checkpoint, or None if none was saved."""
+    from layerwise.job.ckpt_files import step_dirs
+
+    found = step_dirs(run_dir / "checkpoints")
+    return found[0][0] if found else None
 
 
 def resume_command(run_dir: Path, steps_total: int | None, saved: int | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +19,73 @@ from layerwise.timeline import Timeline, render_png, write_chrome_trace
 
 
 class RunLog:
-    """Rank 0's writer for metrics.jsonl; a resumed run drops lines after its checkpoint."""
+    """Rank 0's writer for metrics.jsonl.
 
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
+    A resumed run redoes the steps after its checkpoint: their old lines move to
+    ``metrics.replaced.jsonl`` (history is never dropped), and event lines stay. When the
+    resume follows a lost worker, the first step written adds a ``recovered`` event: how long
+    the job was down (from the loss to this step) and how many logged steps it redid.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int, restart: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # lines past the checkpoint belong to a run that was lost
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) < resume_step
-            ]
+        self.resume_step = resume_step
+        self.pending: dict[str, Any] | None = None
+        lines = [
+            ln
+            for ln in (self.path.read_text() if self.path.exists() else "").splitlines()
+            if ln.strip()
+        ]
+        kept, replaced, steps = [], [], []
+        for ln in lines:
+            try:
+                record = json.loads(ln)
+            except ValueError:  # a line cut short by a crash
+                replaced.append(ln)
+                continue
+            if "event" in record:
+                kept.append(ln)
+                if record["event"] == "worker_lost":
+                    self.pending = record
+                elif record["event"] == "recovered":
+                    self.pending = None
+                continue
+            steps.append(record)
+            (kept if record.get("step", 0) < resume_step else replaced).append(ln)
+        if replaced:
+            with (run_dir / "metrics.replaced.jsonl").open("a") as f:
+                f.write("".join(ln + "\n" for ln in replaced))
+        if restart and self.pending is None:  # torchrun restarted the job: no launcher said so
+            self.pending = {
+                "event": "worker_lost",
+                "how": "torchrun restarted the job",
+                "restart": restart,
+                "time": max((r.get("time", 0.0) for r in steps), default=time.time()),
+                "last_step": max((r.get("step", 0) for r in steps), default=None),
+            }
+            kept.append(json.dumps(self.pending))
+        if len(kept) != len(lines):
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Append a step's record; return the ``recovered`` event it completes, if any."""
+        record.setdefault("time", time.time())
         self.file.write(json.dumps(record) + "\n")
+        event = None
+        if self.pending is not None:
+            last = self.pending.get("last_step")
+            event = {
+                "event": "recovered",
+                "restart": self.pending.get("restart"),
+                "recovery_s": round(record["time"] - self.pending["time"], 3),
+                "resumed_at": self.resume_step,
+                "steps_redone": 0 if last is None else max(0, last + 1 - self.resume_step),
+            }
+            self.file.write(json.dumps(event) + "\n")
+            self.pending = None
         self.file.flush()
+        return event
 
 
 def simulated_twin(measured: Timeline, schedule: Schedule) -> Timeline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -73,10 +74,12 @@ def sampling_worker(args: argparse.Namespace) -> int:
             timeout=cfg.timeout,
             seed=cfg.seed,
         )
-        path = ckpt.latest(run_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-        ckpt.load(path, pipe.module(), None)
+        choice = ckpt.agreed_checkpoint(run_dir / "checkpoints")
+        for line in choice.rejected if dist.get_rank() == 0 else []:
+            print(f"layerwise: {line}", file=sys.stderr, flush=True)
+        if choice.path is None:
+            raise FileNotFoundError(f"{run_dir} has no whole checkpoint")
+        ckpt.load(choice.path, pipe.module(), None)
         pipe.eval()
         tokens = prompt_tokens(args.prompt)
         gen = torch.Generator().manual_seed(args.seed)

@@ -28,12 +28,14 @@ from layerwise.job.config import TrainConfig
 from layerwise.job.console import Console, Scalars
 from layerwise.job.data import Batcher, load_splits
 from layerwise.job.guard import StepGuard
+from layerwise.job.launcher import EXIT_PEER_LOST
 from layerwise.job.rundir import (
     RunLog,
     simulated_twin,
     write_pictures,
     write_summary,
 )
+from layerwise.job.supervisor import note_lost_peer
 from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Grid, build_mesh
 from layerwise.parallel.zero import ShardedOptimizer
@@ -193,14 +195,37 @@ class Trainer:
             self.val = [(vx, self.family.lm_targets(vx, vy))
                         for vx, vy in val.eval_batches(cfg.eval_batches)]  # fmt: skip
 
-    def resume(self) -> int:
-        """Load the latest checkpoint; return the step to continue from."""
-        path = ckpt.latest(self.run_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.run_dir / 'checkpoints'}")
-        extra = ckpt.load(path, self.pipe.module(), self.inner)
-        torch.set_rng_state(extra["rng"])
-        return int(extra["step"])
+    def resume(self, required: bool) -> int:
+        """Load the newest whole checkpoint, whatever layout wrote it; return the step to
+        continue from (0 when there is none and ``required`` is False)."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        choice = ckpt.agreed_checkpoint(ckpt_dir)
+        say = print if self.groups.rank == 0 else (lambda *a, **k: None)
+        for line in choice.rejected:
+            say(f"layerwise: {line}", flush=True)
+        if choice.path is None:
+            if required:
+                raise FileNotFoundError(
+                    f"no complete checkpoint in {ckpt_dir}; start the run again without --resume"
+                )
+            say("layerwise: no checkpoint to resume from; starting at step 0", flush=True)
+            return 0
+        job, own = ckpt.load(choice.path, self.pipe.module(), self.inner)
+        saved = ckpt.saved_info(choice.path).get("layout", {})
+        now = layout_info(self.cfg)
+        moved = f"; saved by {describe_layout(saved)}" if saved and saved != now else ""
+        say(
+            f"layerwise: resuming at step {job['step']} from {choice.path.name} on "
+            f"{describe_layout(now)}{moved}",
+            flush=True,
+        )
+        if own is not None and saved.get("world") == now["world"]:
+            torch.set_rng_state(own["rng"])
+        else:  # another layout: each rank's generator starts from the step, as at step 0
+            torch.manual_seed(self.cfg.seed + self.groups.rank + 7919 * int(job["step"]))
+        self.guard.ema = job["guard"]["ema"]
+        self.guard.nonfinite_in_row = job["guard"]["nonfinite_in_row"]
+        return int(job["step"])
 
     def _mean_over_replicas(self, loss: float) -> float:
         if self.groups.layout.dp == 1:
@@ -275,31 +300,80 @@ class Trainer:
                   for vx, vy in batches]  # fmt: skip
         return sum(losses) / len(losses)
 
-    def save(self, step: int) -> None:
-        extra = {"step": step, "rng": torch.get_rng_state()}
-        ckpt.save(self.run_dir / "checkpoints", step, self.pipe.module(), self.inner, extra)
+    def save(self, step: int) -> str | None:
+        """Save step ``step`` (collective); return why it failed, if the run goes on without
+        it (``--on-save-error continue``). Raises SaveError otherwise."""
+        job = {
+            "step": step,
+            "guard": {"ema": self.guard.ema, "nonfinite_in_row": self.guard.nonfinite_in_row},
+        }
+        info = {"layout": layout_info(self.cfg), "architecture": self.cfg.architecture()}
+        try:
+            ckpt.save(
+                self.run_dir / "checkpoints",
+                step,
+                self.pipe.module(),
+                self.inner,
+                job,
+                {"rng": torch.get_rng_state()},
+                info,
+            )
+        except ckpt.SaveError as err:
+            if self.cfg.on_save_error != "continue":
+                raise
+            return str(err)
+        return None
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or continue) the training job on this rank; return the final metrics."""
+def layout_info(cfg: TrainConfig) -> dict[str, Any]:
+    """How a run is laid out over its workers: free to change between a save and a resume."""
+    grid = cfg.grid()
+    return {
+        "dp": grid.dp,
+        "pp": grid.pp,
+        "tp": grid.tp,
+        "world": grid.world,
+        "zero": cfg.zero,
+        "schedule": cfg.schedule,
+        "microbatches": cfg.microbatches,
+        "chunks": cfg.chunks,
+        "balance": cfg.balance,
+    }
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    zero = " zero1" if layout.get("zero") else ""
+    return (
+        f"dp{layout.get('dp')} pp{layout.get('pp')} tp{layout.get('tp')}{zero} "
+        f"{layout.get('schedule')} m={layout.get('microbatches')}"
+    )
+
+
+def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
+    """Run (or continue) the training job on this rank; return the final metrics.
+
+    ``resume``: False starts at step 0; "required" (or True) continues from the newest whole
+    checkpoint and fails without one; "if-any" continues when there is one (a restart)."""
+    if resume is True:
+        resume = "required"
     groups = _setup(cfg)
     rank = groups.rank
     torch.manual_seed(cfg.seed + rank)
     trainer = Trainer(cfg, groups)
-    start = trainer.resume() if resume else 0
+    start = trainer.resume(required=resume == "required") if resume else 0
     run_dir = trainer.run_dir
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    if start > 0 and cfg.schedule == "auto":
-        adopt_saved(trainer.pipe, run_dir)
-    if start == 0:
+    kept = start > 0 and cfg.schedule == "auto" and adopt_saved(trainer.pipe, run_dir)
+    if start == 0 or (cfg.schedule == "auto" and not kept):
         prediction = trainer.predict()
         if rank == 0:
             (run_dir / "prediction.json").write_text(json.dumps(prediction, indent=2))
             print(describe_prediction(prediction), flush=True)
-    log = RunLog(run_dir, start) if rank == 0 else None
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's own
+    log = RunLog(run_dir, start, restarted) if rank == 0 else None
     console = Console(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
     scalars = Scalars(run_dir) if rank == 0 else None
     records: list[dict[str, Any]] = []
@@ -311,10 +385,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if (step + 1) % cfg.eval_interval == 0 or last:
             record["val_loss"] = trainer.validation_loss()
         if (step + 1) % cfg.save_interval == 0 or last:
-            trainer.save(step + 1)
+            unsaved = trainer.save(step + 1)
+            if unsaved is not None:
+                record["unsaved"] = unsaved
+                if rank == 0:
+                    print(
+                        f"layerwise: {unsaved}; training goes on (--on-save-error continue)",
+                        flush=True,
+                    )
         records.append(record)
         if log is not None and console is not None and scalars is not None:
-            log.write(record)
+            event = log.write(record)
+            if event is not None:
+                print(
+                    f"layerwise: recovered {event['recovery_s']:.1f}s after the loss; resumed at "
+                    f"step {event['resumed_at']}, {event['steps_redone']} logged step(s) redone",
+                    flush=True,
+                )
             scalars.write(record)
             console.step(record)
     if measured is not None:
@@ -354,12 +441,27 @@ def _layout_label(cfg: TrainConfig) -> str:
     return f"dp{layout.dp} pp{layout.pp} tp{layout.tp} {cfg.schedule}"
 
 
-def train_worker(cfg: TrainConfig, resume: bool) -> int:
-    """Entry point on one rank: train, and turn a lost peer into a one-line error."""
+def train_worker(cfg: TrainConfig, resume: bool | str) -> int:
+    """Entry point on one rank: train; a lost peer exits with EXIT_PEER_LOST (the launcher
+    restarts the job), a reason to stop (a failed save, diverged training, a checkpoint that
+    does not fit) with one line and code 1 (a restart would meet it again)."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         train(cfg, resume)
     except PeerError as err:
-        print(f"[rank {dist.get_rank() if dist.is_initialized() else '?'}] {err}", flush=True)
+        print(f"[rank {rank}] {err}", flush=True)
+        note_lost_peer(Path(cfg.run_dir), rank, err.peer_rank)
+        return EXIT_PEER_LOST
+    except dist.DistError as err:  # a collective (data-parallel, norms) lost its peer
+        print(
+            f"[rank {rank}] lost a peer in a collective: {str(err).splitlines()[0][:200]}",
+            flush=True,
+        )
+        note_lost_peer(Path(cfg.run_dir), rank, None)
+        return EXIT_PEER_LOST
+    except (ckpt.SaveError, FloatingPointError, FileNotFoundError, ValueError) as err:
+        if rank == 0:  # every rank meets the same reason; one says it
+            print(f"layerwise: {err}", flush=True)
         return 1
     finally:
         if dist.is_initialized():

@@ -35,7 +35,12 @@ from layerwise.schedules import Schedule
 
 
 class PeerError(RuntimeError):
-    """A peer worker died, stalled past the timeout, or sent something unexpected."""
+    """A peer worker died, stalled past the timeout, or sent something unexpected;
+    ``peer_rank`` is its global rank when known."""
+
+    def __init__(self, message: str, peer_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.peer_rank = peer_rank
 
 
 ACT, GRAD, META = 0, 1, 2
@@ -171,11 +176,14 @@ class Transport:
             first = self.report_failure(message)
             if first != message:
                 message += f". First failure in the job: {first}"
-            raise PeerError(f"{message} [{str(err).splitlines()[0][:200]}]") from err
+            raise PeerError(
+                f"{message} [{str(err).splitlines()[0][:200]}]", self.global_rank(peer)
+            ) from err
         if ok is False:
             raise PeerError(
                 f"worker {self.worker}: no {what} from worker {peer} within "
-                f"{self.timeout.total_seconds():g}s (is it alive?)"
+                f"{self.timeout.total_seconds():g}s (is it alive?)",
+                self.global_rank(peer),
             )
         if self.on_wait is not None:
             self.on_wait(t0, time.perf_counter())

@@ -1,0 +1,227 @@
+"""A training job that heals itself, and the guards around it.
+
+:func:`supervise` starts the workers and, when one is lost (killed, crashed, or hung past
+``--timeout``, which its peers report), starts them again from the newest whole checkpoint,
+up to ``--max-restarts`` times, re-laid out over the workers it can get. It writes what
+happened to ``metrics.jsonl`` (``"event": "worker_lost"``; the resumed job adds
+``"recovered"`` with the time it took and the steps redone) and says it on the console.
+
+Around it: a run directory takes one live job at a time (:class:`RunLock`), workers follow
+their launcher when it dies (:func:`follow_parent`), and Ctrl-C stops every worker quietly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from layerwise.job.config import TrainConfig, check_config
+from layerwise.job.launcher import Outcome, describe_failures, launch
+
+PEER_NOTES = ".lost-peers"  # a folder where workers name the peer they lost
+LOCK_ENV = "LAYERWISE_RUN_LOCKED"  # set for the workers of a launcher that holds the lock
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while the job lives (the kernel drops it
+    when the holder dies, however it dies)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.file: IO[str] | None = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            self.file = None
+            raise ValueError(
+                f"{run_dir} is in use by a live job (process {holder}); wait for it to end or "
+                f"stop it, or give another --run-dir"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def follow_parent(interval_s: float = 0.5) -> None:
+    """Stop this worker soon after the process that started it dies (``kill -9`` or the OOM
+    killer on the launcher): an orphan would go on training, unsupervised, into the run
+    directory a resumed job is about to use."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print("layerwise: the launcher is gone; this worker stops", flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+
+
+def quiet_interrupts() -> None:
+    """Ctrl-C ends a worker at once and without a traceback: the launcher says it once.
+    (A Python handler would wait for a blocked receive to return.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def note_lost_peer(run_dir: Path, rank: int, peer: int | None) -> None:
+    """Leave the rank of the peer this worker lost for the launcher to read."""
+    try:
+        folder = run_dir / PEER_NOTES
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank{rank}").write_text("" if peer is None else str(peer))
+    except OSError:
+        pass  # only a hint for the report
+
+
+def _lost_peers(run_dir: Path) -> list[int]:
+    """The peers workers named as lost (most named first), then forget the notes."""
+    folder = run_dir / PEER_NOTES
+    named: dict[int, int] = {}
+    for note in folder.glob("rank*") if folder.is_dir() else []:
+        text = note.read_text().strip()
+        if text.isdigit():
+            named[int(text)] = named.get(int(text), 0) + 1
+        note.unlink(missing_ok=True)
+    return sorted(named, key=lambda r: (-named[r], r))
+
+
+def _last_step(run_dir: Path) -> int | None:
+    from layerwise.job.progress import read_metrics
+
+    records, _ = read_metrics(run_dir)
+    return max((r["step"] for r in records), default=None)
+
+
+def lost_event(run_dir: Path, outcome: Outcome, restart: int, limit: int) -> dict[str, Any]:
+    """The ``worker_lost`` record: which worker, how, when, and the last step logged."""
+    codes = outcome.exitcodes
+    killed = sorted(r for r, c in codes.items() if c < 0 and c != -signal.SIGTERM)
+    peers = _lost_peers(run_dir)
+    if killed:
+        workers = killed
+        how = f"killed by {signal.Signals(-codes[killed[0]]).name}"
+    elif peers:
+        workers = peers[:1]
+        how = "stopped answering (its peers timed out or lost the connection)"
+    else:
+        workers, how = sorted(codes), "failed"
+    return {
+        "event": "worker_lost",
+        "workers": workers,
+        "how": how,
+        "time": time.time(),
+        "last_step": _last_step(run_dir),
+        "restart": restart,
+        "max_restarts": limit,
+    }
+
+
+def available_workers(cfg: TrainConfig) -> int:
+    """How many workers this host can run now: its GPUs for ``cuda``; on CPU, any number."""
+    if cfg.device == "cuda":
+        import torch
+
+        return int(torch.cuda.device_count())
+    return cfg.grid().world
+
+
+def refit(cfg: TrainConfig, workers: int) -> TrainConfig | None:
+    """The layout for at most ``workers`` workers: unchanged when they suffice; otherwise the
+    valid (dp, pp) with the most workers (the deeper pipeline on a tie, which keeps each
+    worker's share of the model smallest), tensor parallelism kept. None if none runs."""
+    if cfg.grid().world <= workers:
+        return cfg
+    best: tuple[int, int, TrainConfig] | None = None
+    for dp in range(1, workers // cfg.tp + 1):
+        for pp in range(1, workers // (cfg.tp * dp) + 1):
+            trial = dataclasses.replace(cfg, dp=dp, workers=pp, zero=cfg.zero if dp > 1 else 0)
+            try:
+                check_config(trial)
+            except ValueError:
+                continue
+            key = (dp * pp, pp)
+            if best is None or key > best[:2]:
+                best = (*key, trial)
+    return None if best is None else best[2]
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def supervise(cfg: TrainConfig, resume: bool) -> int:
+    """Run the job until it finishes, restarting it after each lost worker (see the module's
+    docstring); return the exit code: 0, 1 (failed or gave up), 130 (interrupted)."""
+    run_dir = Path(cfg.run_dir)
+    os.environ[LOCK_ENV] = "1"
+    mode = "required" if resume else None
+    restarts = 0
+    while True:
+        argv = ["train", str(run_dir), *(["--resume", mode] if mode else [])]
+        outcome = launch(cfg.grid().world, argv)
+        if outcome.ok:
+            return 0
+        if outcome.interrupted:
+            print(
+                f"layerwise: interrupted; every worker stopped. The run resumes from its last "
+                f"checkpoint with: layerwise train --resume {run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 130
+        print(describe_failures(outcome.exitcodes), file=sys.stderr, flush=True)
+        if not outcome.lost_worker:
+            return 1
+        if restarts >= cfg.max_restarts:
+            print(
+                f"layerwise: gave up after {restarts} restart(s) (--max-restarts "
+                f"{cfg.max_restarts}); continue with: layerwise train --resume {run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        restarts += 1
+        event = lost_event(run_dir, outcome, restarts, cfg.max_restarts)
+        fitted = refit(cfg, available_workers(cfg))
+        if fitted is None:
+            print(
+                f"layerwise: no layout of this model runs on the {available_workers(cfg)} "
+                f"workers left; stopped",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        if fitted is not cfg:
+            event["relaid_out"] = {"from": str(cfg.grid()), "to": str(fitted.grid())}
+            cfg = fitted
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        _append(run_dir / "metrics.jsonl", event)
+        where = f"; now on {cfg.grid()}" if "relaid_out" in event else ""
+        print(
+            f"layerwise: worker {', '.join(map(str, event['workers']))} {event['how']}; "
+            f"restarting from the newest checkpoint (restart {restarts} of "
+            f"{cfg.max_restarts}){where}",
+            flush=True,
+        )
+        mode = "if-any"
