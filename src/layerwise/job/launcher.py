@@ -64,6 +64,8 @@ def launch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> Ou
 
     # the job reports failures itself, in one line; torch's agent would add a page of logs
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # a worker that does not stop within 5 s of SIGTERM (a hung or stopped one) is killed
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
     # share the cores between workers (and keep torchrun from warning that it does so)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(

@@ -12,6 +12,7 @@ their launcher when it dies (:func:`follow_parent`), and Ctrl-C stops every work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -83,26 +84,68 @@ def quiet_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def note_lost_peer(run_dir: Path, rank: int, peer: int | None) -> None:
-    """Leave the rank of the peer this worker lost for the launcher to read."""
+def note_lost_peer(run_dir: Path, rank: int, peer: int | None, timed_out: bool) -> None:
+    """Leave, for the launcher, which peer this worker lost (when known) and whether it
+    stopped answering (a timeout) rather than dropping its connection (a death)."""
     try:
         folder = run_dir / PEER_NOTES
         folder.mkdir(exist_ok=True)
-        (folder / f"rank{rank}").write_text("" if peer is None else str(peer))
+        (folder / f"rank{rank}").write_text(
+            json.dumps({"peer": peer, "timed_out": timed_out, "time": time.time()})
+        )
     except OSError:
         pass  # only a hint for the report
 
 
-def _lost_peers(run_dir: Path) -> list[int]:
-    """The peers workers named as lost (most named first), then forget the notes."""
+def _peer_notes(run_dir: Path) -> list[dict[str, Any]]:
+    """What the workers noted about the peers they lost; the notes are then removed."""
     folder = run_dir / PEER_NOTES
-    named: dict[int, int] = {}
-    for note in folder.glob("rank*") if folder.is_dir() else []:
-        text = note.read_text().strip()
-        if text.isdigit():
-            named[int(text)] = named.get(int(text), 0) + 1
-        note.unlink(missing_ok=True)
-    return sorted(named, key=lambda r: (-named[r], r))
+    notes = []
+    for path in sorted(folder.glob("rank*")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            notes.append(json.loads(path.read_text()))
+        path.unlink(missing_ok=True)
+    return notes
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux: from /proc; elsewhere none are found)."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # the command name (field 2) may hold spaces; the parent pid follows its ')'
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(stat.parent.name))
+    return found
+
+
+class Reaper:
+    """Once a worker has noted a lost peer, the job's step is lost: workers still alive a
+    few seconds later (a hung one, a stopped one, one blocked on it) are killed, so the
+    restart does not wait on torch's 30 s shutdown grace for each."""
+
+    def __init__(self, run_dir: Path, grace_s: float = 3.0) -> None:
+        self.folder, self.grace = run_dir / PEER_NOTES, grace_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+
+    def __enter__(self) -> Reaper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.folder.is_dir() and any(self.folder.iterdir()):
+                if self.stop.wait(self.grace):
+                    return
+                for pid in _children():
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                return
 
 
 def _last_step(run_dir: Path) -> int | None:
@@ -116,20 +159,23 @@ def lost_event(run_dir: Path, outcome: Outcome, restart: int, limit: int) -> dic
     """The ``worker_lost`` record: which worker, how, when, and the last step logged."""
     codes = outcome.exitcodes
     killed = sorted(r for r, c in codes.items() if c < 0 and c != -signal.SIGTERM)
-    peers = _lost_peers(run_dir)
-    if killed:
-        workers = killed
+    notes = _peer_notes(run_dir)
+    named = sorted({n["peer"] for n in notes if isinstance(n.get("peer"), int)})
+    hung = any(n.get("timed_out") for n in notes)
+    workers = killed or named or sorted(codes)
+    if hung:  # its peers timed out on it; then the launcher's SIGTERM (or SIGKILL) ended it
+        workers = named or [r for r in workers if codes.get(r, 0) < 0] or workers
+        how = "stopped answering (its peers timed out) and was stopped"
+    elif killed:
         how = f"killed by {signal.Signals(-codes[killed[0]]).name}"
-    elif peers:
-        workers = peers[:1]
-        how = "stopped answering (its peers timed out or lost the connection)"
     else:
-        workers, how = sorted(codes), "failed"
+        how = "lost (its peers lost the connection)" if named else "failed"
     return {
         "event": "worker_lost",
         "workers": workers,
         "how": how,
-        "time": time.time(),
+        # when a survivor noticed the loss: the launcher hears of it only after stopping them
+        "time": min((n["time"] for n in notes if "time" in n), default=time.time()),
         "last_step": _last_step(run_dir),
         "restart": restart,
         "max_restarts": limit,
@@ -179,7 +225,8 @@ def supervise(cfg: TrainConfig, resume: bool) -> int:
     restarts = 0
     while True:
         argv = ["train", str(run_dir), *(["--resume", mode] if mode else [])]
-        outcome = launch(cfg.grid().world, argv)
+        with Reaper(run_dir):
+            outcome = launch(cfg.grid().world, argv)
         if outcome.ok:
             return 0
         if outcome.interrupted:
@@ -190,7 +237,8 @@ def supervise(cfg: TrainConfig, resume: bool) -> int:
                 flush=True,
             )
             return 130
-        print(describe_failures(outcome.exitcodes), file=sys.stderr, flush=True)
+        if not outcome.lost_worker or restarts >= cfg.max_restarts:
+            print(describe_failures(outcome.exitcodes), file=sys.stderr, flush=True)
         if not outcome.lost_worker:
             return 1
         if restarts >= cfg.max_restarts:

@@ -441,6 +441,18 @@ def _layout_label(cfg: TrainConfig) -> str:
     return f"dp{layout.dp} pp{layout.pp} tp{layout.tp} {cfg.schedule}"
 
 
+def lost_connection(err: RuntimeError, how: str = "any") -> bool:
+    """Whether a collective failed because a peer died or stopped answering (gloo and NCCL
+    report it as a RuntimeError, in torch 2.x often a DistError); ``how="timeout"``: only
+    a peer that stopped answering."""
+    text = str(err).lower()
+    timeout = "timeout" in text or "timed out" in text or ("no " in text and " within " in text)
+    if how == "timeout":
+        return timeout
+    marks = ("connection reset", "connection closed", "broken pipe")
+    return timeout or isinstance(err, dist.DistError) or any(m in text for m in marks)
+
+
 def train_worker(cfg: TrainConfig, resume: bool | str) -> int:
     """Entry point on one rank: train; a lost peer exits with EXIT_PEER_LOST (the launcher
     restarts the job), a reason to stop (a failed save, diverged training, a checkpoint that
@@ -450,19 +462,22 @@ def train_worker(cfg: TrainConfig, resume: bool | str) -> int:
         train(cfg, resume)
     except PeerError as err:
         print(f"[rank {rank}] {err}", flush=True)
-        note_lost_peer(Path(cfg.run_dir), rank, err.peer_rank)
-        return EXIT_PEER_LOST
-    except dist.DistError as err:  # a collective (data-parallel, norms) lost its peer
-        print(
-            f"[rank {rank}] lost a peer in a collective: {str(err).splitlines()[0][:200]}",
-            flush=True,
-        )
-        note_lost_peer(Path(cfg.run_dir), rank, None)
+        note_lost_peer(Path(cfg.run_dir), rank, err.peer_rank, lost_connection(err, "timeout"))
         return EXIT_PEER_LOST
     except (ckpt.SaveError, FloatingPointError, FileNotFoundError, ValueError) as err:
         if rank == 0:  # every rank meets the same reason; one says it
             print(f"layerwise: {err}", flush=True)
         return 1
+    except RuntimeError as err:
+        if not lost_connection(err):
+            raise
+        # a collective (data-parallel reduction, gradient norm) lost its peer
+        print(
+            f"[rank {rank}] lost a peer in a collective: {str(err).splitlines()[0][:200]}",
+            flush=True,
+        )
+        note_lost_peer(Path(cfg.run_dir), rank, None, lost_connection(err, "timeout"))
+        return EXIT_PEER_LOST
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
