@@ -63,7 +63,9 @@ def launch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> Ou
     from torch.distributed.run import get_args_parser, run
 
     # the job reports failures itself, in one line; torch's agent would add a page of logs
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # each module sets its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # a worker that does not stop within 5 s of SIGTERM (a hung or stopped one) is killed
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
     # share the cores between workers (and keep torchrun from warning that it does so)

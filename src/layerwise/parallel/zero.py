@@ -9,6 +9,7 @@ Optimizer memory per worker falls by the data-parallel degree (Rajbhandari et al
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,11 @@ class ShardedOptimizer:
         self.owners = assign_owners(self.params, dist.get_world_size(group))
         self.mine = [p for p, o in zip(self.params, self.owners, strict=True) if o == self.rank]
         self.inner = make(self.mine)
-        self.param_groups = self.inner.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # the inner optimizer's own list: loading a checkpoint replaces it with a new one
+        return self.inner.param_groups
 
     def step(self) -> None:
         """Update the owned parameters, then copy every parameter from its owner."""
