@@ -4,11 +4,8 @@ and the command line works under our launcher and under torchrun on two "nodes".
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -101,57 +98,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "layerwise", *args]
 
 
-@pytest.mark.timeout(240)
-def test_killed_worker_stops_the_job_and_is_named(tmp_path: Path, corpus: Path) -> None:
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(
-            "train",
-            "--workers",
-            "3",
-            "--steps",
-            "100000",
-            "--run-dir",
-            str(run_dir),
-            "--timeout",
-            "30",
-            *tiny_model(str(corpus)),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        metrics = run_dir / "metrics.jsonl"
-        while time.time() < deadline and (
-            not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-        ):
-            time.sleep(0.5)
-        assert metrics.exists(), "training never started"
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        ranks = {}
-        for pid in children:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            rank = next((e.split(b"=")[1] for e in env if e.startswith(b"RANK=")), None)
-            if rank is not None:
-                ranks[int(rank)] = int(pid)
-        assert sorted(ranks) == [0, 1, 2]
-        killed_at = time.time()
-        os.kill(ranks[1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=90)
-        elapsed = time.time() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
-    assert elapsed < 60, elapsed
-    assert "lost worker 1: worker 1 was killed by SIGKILL" in out, out[-3000:]
-    assert "lost worker 1" in out
-
-
 def test_failure_summary_names_the_killed_worker() -> None:
     text = describe_failures({0: 1, 1: -15, 2: -9, 3: 1})
     assert text.startswith(
@@ -180,12 +126,12 @@ def test_two_nodes_under_torchrun_then_generate_and_resume_checks(
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.splitlines()[-1].startswith("def f") and len(gen.stdout.strip()) >= 12
     bad = subprocess.run(
-        _cli("train", "--resume", str(run_dir), "--workers", "3"),
+        _cli("train", "--resume", str(run_dir), "--layers", "3"),
         capture_output=True,
         text=True,
         timeout=100,
     )
-    assert bad.returncode == 2 and "different layout" in bad.stderr
+    assert bad.returncode == 2 and "architecture differs (layers 2 saved, 3 given)" in bad.stderr
     again = subprocess.run(
         _cli("train", "--run-dir", str(run_dir)), capture_output=True, text=True, timeout=100
     )
