@@ -14,6 +14,7 @@ import torch
 
 import layerwise.cli.generate
 import layerwise.cli.train
+import layerwise.job.supervisor
 from layerwise.cli import main
 from layerwise.job.config import TrainConfig
 from layerwise.job.sampling import prompt_bytes, prompt_tokens
@@ -37,7 +38,7 @@ def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> int:
         raise AssertionError("workers would start")
 
-    monkeypatch.setattr(layerwise.cli.train, "relaunch", refuse)
+    monkeypatch.setattr(layerwise.job.supervisor, "launch", refuse)
     monkeypatch.setattr(layerwise.cli.generate, "relaunch", refuse)
     for name in ("LOCAL_RANK", "WORLD_SIZE"):  # not a torchrun worker
         monkeypatch.delenv(name, raising=False)
@@ -221,6 +222,7 @@ def saved_run(tmp_path: Path) -> Path:
     run = write_run(tmp_path / "run", [])
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest.json").write_text('{"step": 10, "path": "step_0000010"}')
+    (run / "checkpoints" / "step_0000010").mkdir()
     return run
 
 
@@ -288,6 +290,7 @@ def killed_run(tmp_path: Path) -> Path:
         f.write('{"step": 40, "lo')  # the line being written when the run was killed
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest.json").write_text('{"step": 40, "path": "step_0000040"}')
+    (run / "checkpoints" / "step_0000040").mkdir()
     return run
 
 

@@ -245,7 +245,7 @@ def test_the_train_command_builds_hf_families(tmp_path: Path) -> None:
     config_file.write_text(gpt2.to_json_string())
     cfg, _ = config_from_args(_train_args("--model", "hf:gpt2", "--hf-config", str(config_file)))
     assert cfg.hf_config == str(config_file.resolve())
-    assert cfg.family().num_layers == 5 and "hf_config" in cfg.layout()
+    assert cfg.family().num_layers == 5 and "hf_config" in cfg.architecture()
     bad = [
         (("--model", "gpt", "--hf-config", str(config_file)), "--hf-config is for the Hugging"),
         (("--model", "hf:llama", "--hf-config", str(config_file)), "use hf:gpt2"),

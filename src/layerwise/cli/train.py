@@ -59,6 +59,12 @@ FLAGS: dict[str, tuple[type, str]] = {
         "restarts after a worker is lost (killed, crashed, hung past --timeout): the job "
         "resumes from its newest whole checkpoint by itself; 0 stops at the first loss",
     ),
+    "recover_from": (
+        str,
+        "replica | checkpoint: with data-parallel replicas (and no --zero), a restarted "
+        "worker takes its state from a surviving replica in memory and only the step in "
+        "flight is redone; 'checkpoint' restarts every worker from the newest checkpoint",
+    ),
     "on_save_error": (
         str,
         "stop | continue: what a checkpoint that cannot be written (a full disk) does; "

@@ -142,6 +142,7 @@ def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> No
         raise ValueError(f"--lr and --timeout must be positive, got {cfg.lr} and {cfg.timeout}")
     _choice(cfg.recompute, "recompute", RECOMPUTE_MODES)
     _choice(getattr(cfg, "on_save_error", "stop"), "on-save-error", SAVE_ERROR_MODES)
+    _choice(getattr(cfg, "recover_from", "replica"), "recover-from", ("replica", "checkpoint"))
     if getattr(cfg, "max_restarts", 0) < 0:
         raise ValueError(
             f"--max-restarts must be 0 (never restart) or more, got {cfg.max_restarts}"

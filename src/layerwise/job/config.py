@@ -52,6 +52,7 @@ class TrainConfig:
     timeout: float = 120.0
     max_restarts: int = 3  # restarts after a lost worker before the job gives up
     on_save_error: str = "stop"  # stop | continue: what a failed checkpoint save does
+    recover_from: str = "replica"  # replica | checkpoint: where restarted workers get state
 
     def family(self) -> ModelFamily:
         """Return the model this run trains: its family, built from the run's sizes (or, for

@@ -222,6 +222,10 @@ def supervise(cfg: TrainConfig, resume: bool) -> int:
     run_dir = Path(cfg.run_dir)
     os.environ[LOCK_ENV] = "1"
     mode = "required" if resume else None
+    from layerwise.job.heal_launcher import heals_in_memory, run_healing
+
+    if heals_in_memory(cfg):  # replicas hold the state: heal without the disk
+        return run_healing(cfg, mode)
     restarts = 0
     while True:
         argv = ["train", str(run_dir), *(["--resume", mode] if mode else [])]

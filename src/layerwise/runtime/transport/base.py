@@ -56,6 +56,11 @@ PLAN_TAG, LOSS_TAG = 2**30 + 8, 2**30 + 9
 _ORPHANED_SENDS: list[tuple[Any, list[torch.Tensor]]] = []
 
 
+def forget_orphaned_sends() -> None:
+    """Drop every orphaned send: their process group is being torn down after a failure."""
+    _ORPHANED_SENDS.clear()
+
+
 def reap_orphaned_sends() -> None:
     """Forget the orphaned sends that have completed."""
     _ORPHANED_SENDS[:] = [(w, ts) for w, ts in _ORPHANED_SENDS if not w.is_completed()]
