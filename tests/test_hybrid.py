@@ -110,6 +110,28 @@ def test_two_nodes_hybrid_then_resume_on_another_layout(tmp_path) -> None:  # ty
     )
     assert other.returncode == 2
     assert "cannot resume" in other.stderr and "d_model 32 saved, 64 given" in other.stderr
+    again = subprocess.run([sys.executable, "-m", "layerwise", "train", "--run-dir", str(run_dir)],
+                           capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    # sampling reads the tensor-parallel checkpoint on a plain pipeline
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerwise",
+            "generate",
+            str(run_dir),
+            "--prompt",
+            "x1",
+            "--tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.splitlines()[-1].startswith("x1") and len(gen.stdout.strip()) >= 12
 
 
 @pytest.mark.timeout(200)

@@ -4,14 +4,12 @@ and the command line works under our launcher and under torchrun on two "nodes".
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import _workers as w
-from _nodes import tiny_model, train_on_two_nodes
 from layerwise.cli import main
 from layerwise.job.launcher import describe_failures, run_workers
 from layerwise.schedules import alternatives
@@ -107,32 +105,3 @@ def test_failure_summary_names_the_killed_worker() -> None:
     assert describe_failures({1: 3}).startswith(
         "layerwise: worker 1 failed: worker 1 exited with code 3"
     )
-
-
-@pytest.mark.timeout(300)
-def test_two_nodes_under_torchrun_then_generate_and_resume_checks(
-    tmp_path: Path, corpus: Path
-) -> None:
-    run_dir = tmp_path / "nodes"
-    flags = ["--workers", "2", "--steps", "2", "--run-dir", str(run_dir)]
-    train_on_two_nodes(1, [*flags, *tiny_model(str(corpus))])
-    assert len(losses(run_dir)) == 2
-    gen = subprocess.run(
-        _cli("generate", str(run_dir), "--prompt", "def f", "--tokens", "12"),
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    assert gen.stdout.splitlines()[-1].startswith("def f") and len(gen.stdout.strip()) >= 12
-    bad = subprocess.run(
-        _cli("train", "--resume", str(run_dir), "--layers", "3"),
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert bad.returncode == 2 and "architecture differs (layers 2 saved, 3 given)" in bad.stderr
-    again = subprocess.run(
-        _cli("train", "--run-dir", str(run_dir)), capture_output=True, text=True, timeout=100
-    )
-    assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -36,6 +36,13 @@ STORE_ENV, GENERATION_ENV = "LAYERWISE_HEAL_STORE", "LAYERWISE_GENERATION"
 GENERATION_KEY = "layerwise/generation"
 
 
+def heal_timeout(timeout_s: float) -> float:
+    """How long survivors wait for a replacement and its group: the launcher may wait one
+    timeout for the others to report before it starts it, and a new process takes seconds
+    to import and build its stages."""
+    return 3 * timeout_s + 60
+
+
 class Healable(Protocol):
     """What healing needs of a trainer (``job.train.Trainer``)."""
 
@@ -70,9 +77,11 @@ class HealLink:
         return dist.TCPStore(self.host, self.port, is_master=False,
                              timeout=timedelta(seconds=timeout_s))  # fmt: skip
 
-    def connect(self, timeout_s: float) -> None:
-        """Join this generation's process group (rank and world from the environment)."""
-        store = dist.PrefixStore(f"gen{self.generation}/", self._store(timeout_s))
+    def connect(self, timeout_s: float, wait_s: float | None = None) -> None:
+        """Join this generation's process group (rank and world from the environment): wait
+        up to ``wait_s`` for the others to arrive (a replacement takes a while to start),
+        then give every operation ``timeout_s``, as the job's own group has."""
+        store = dist.PrefixStore(f"gen{self.generation}/", self._store(wait_s or timeout_s))
         dist.init_process_group(self.backend, store=store, rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]),
                                 timeout=timedelta(seconds=timeout_s))  # fmt: skip
@@ -97,13 +106,34 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _copy(old: Healable, new: Healable) -> None:
-    """A survivor's state, moved from its old trainer into the one built for the new group."""
-    old_module, new_module = old.pipe.module(), new.pipe.module()
-    set_model_state_dict(new_module, get_model_state_dict(old_module))
-    optim = get_optimizer_state_dict(old_module, old.inner, options=OPTIONS)
-    set_optimizer_state_dict(new_module, new.inner, optim, options=OPTIONS)
-    new.guard.ema, new.guard.nonfinite_in_row = old.guard.ema, old.guard.nonfinite_in_row
+@dataclass
+class Snapshot:
+    """A survivor's state, copied out of its trainer so that the trainer (and with it every
+    handle on the broken process group) can be dropped before the group is left: then the
+    group's connections close and peers still blocked on them fail at once instead of
+    waiting out their timeout."""
+
+    model: dict[str, Any]
+    optim: dict[str, Any]
+    guard: tuple[float | None, int]
+    done: int
+    record: dict[str, Any] | None  # the record of step ``done - 1``, in case it went unlogged
+
+    @classmethod
+    def of(cls, trainer: Healable, record: dict[str, Any] | None) -> Snapshot:
+        module = trainer.pipe.module()
+        model = {k: v.detach().clone() for k, v in get_model_state_dict(module).items()}
+        optim = get_optimizer_state_dict(module, trainer.inner, options=OPTIONS)
+        optim = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in optim.items()}  # fmt: skip
+        guard = (trainer.guard.ema, trainer.guard.nonfinite_in_row)
+        return cls(model, optim, guard, trainer.done, record)
+
+    def restore(self, trainer: Healable) -> None:
+        module = trainer.pipe.module()
+        set_model_state_dict(module, self.model)
+        set_optimizer_state_dict(module, trainer.inner, self.optim, options=OPTIONS)
+        trainer.guard.ema, trainer.guard.nonfinite_in_row = self.guard
 
 
 def plan(done: list[int], coords: list[tuple[int, int, int]]) -> tuple[int, dict[int, int]] | None:
@@ -139,29 +169,33 @@ def _broadcast_state(trainer: Healable, donor: int) -> None:
     set_optimizer_state_dict(module, trainer.inner, optim, options=OPTIONS)
 
 
-def recover(link: HealLink, old: Healable | None, build: Callable[[], Healable],
-            timeout_s: float) -> tuple[Healable, int, str]:  # fmt: skip
-    """Rejoin the job after a loss (``old``: this survivor's trainer; None for a replacement)
-    and return the trainer to go on with, the step to go on from, and how it was healed."""
+def recover(link: HealLink, old: Snapshot | None, build: Callable[[], Healable],
+            timeout_s: float) -> tuple[Healable, int, dict[str, Any] | None]:  # fmt: skip
+    """Rejoin the job after a loss (``old``: this survivor's state, its trainer already
+    dropped; None for a replacement). Return the trainer to go on with, the step to go on
+    from, and the record of the step before it as a survivor has it (a lost first rank may
+    have died before logging it); ``timeout_s`` is the job's own timeout."""
+    wait_s = heal_timeout(timeout_s)
     if old is not None:
         leave_group()
-        link.next_generation(timeout_s)
-    link.connect(timeout_s)
+        link.next_generation(wait_s)
+    link.connect(timeout_s, wait_s)
     trainer = build()
     if old is not None:
-        _copy(old, trainer)
+        old.restore(trainer)
     done: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(done, old.done if old is not None else -1)
     layout = trainer.groups.layout
     found = None
-    if layout.dp > 1 and trainer.groups.dp is not None:
+    if layout.dp > 1 and trainer.groups.dp is not None and not trainer.cfg.zero:
         found = plan(done, [layout.coords(r) for r in range(layout.world)])
     if found is None:  # no replica holds everything: the newest checkpoint, in-process
-        return trainer, trainer.resume(required=False), "from the newest checkpoint"
+        return trainer, trainer.resume(required=False), None
     step, source = found
     _broadcast_state(trainer, source[dist.get_rank()])
-    guard = [trainer.guard.ema, trainer.guard.nonfinite_in_row]
-    dist.broadcast_object_list(guard, src=min(r for r in range(len(done)) if done[r] == step))
-    trainer.guard.ema, trainer.guard.nonfinite_in_row = guard
+    first = min(r for r in range(len(done)) if done[r] == step)
+    shared = [trainer.guard.ema, trainer.guard.nonfinite_in_row, old.record if old else None]
+    dist.broadcast_object_list(shared, src=first)
+    trainer.guard.ema, trainer.guard.nonfinite_in_row, record = shared
     trainer.done = step
-    return trainer, step, "from a surviving replica, in memory"
+    return trainer, step, record if record and record.get("step") == step - 1 else None

@@ -29,8 +29,6 @@ from layerwise.job.heal import GENERATION_ENV, GENERATION_KEY, STORE_ENV
 from layerwise.job.launcher import EXIT_PEER_LOST, Outcome, describe_failures, free_port
 from layerwise.job.supervisor import LOCK_ENV, PEER_NOTES, lost_event
 
-GRACE_S = 3.0  # how long the survivors have to report, once one worker is lost
-
 
 def heals_in_memory(cfg: TrainConfig) -> bool:
     """Replicas that each hold every weight and optimizer state, and restarts allowed."""
@@ -71,14 +69,14 @@ def _noted(run_dir: Path) -> set[int]:
     return {int(p.name[4:]) for p in folder.glob("rank*")} if folder.is_dir() else set()
 
 
-def _lost(workers: Workers, run_dir: Path) -> dict[int, int]:
-    """Once a loss shows (a dead worker, a survivor's note), give the survivors GRACE_S to
-    report; the workers dead, and those alive but silent (hung), are lost: returns their
-    exit codes (negative: a signal; the silent ones get SIGKILL here)."""
-    deadline = time.monotonic() + GRACE_S
+def _lost(workers: Workers, run_dir: Path, timeout_s: float) -> dict[int, int]:
+    """Once a loss shows (a dead worker, a survivor's note), wait for every live worker to
+    report it: a survivor blocked on a peer that is itself waiting fails within the job's
+    timeout. Workers dead, and those still silent then (hung), are lost: returns their exit
+    codes (negative: a signal; the silent ones get SIGKILL here)."""
+    deadline = time.monotonic() + timeout_s + 1.0
     while time.monotonic() < deadline:
-        codes = workers.codes()
-        alive = {r for r, c in codes.items() if c is None}
+        alive = {r for r, c in workers.codes().items() if c is None}
         if alive <= _noted(run_dir):
             break
         time.sleep(0.1)
@@ -107,7 +105,7 @@ def run_healing(cfg: TrainConfig, resume: str | None) -> int:
                 return 0
             if not any(c not in (None, 0) for c in codes.values()) and not _noted(run_dir):
                 continue
-            lost = _lost(workers, run_dir)
+            lost = _lost(workers, run_dir, cfg.timeout)
             lost_kind = all(c < 0 or c == EXIT_PEER_LOST for c in lost.values())
             if not lost_kind or restarts >= cfg.max_restarts:
                 workers.kill()

@@ -52,6 +52,8 @@ class RunLog:
                 continue
             steps.append(record)
             (kept if record.get("step", 0) < resume_step else replaced).append(ln)
+        self.last_step = max((r.get("step", -1) for r in steps if r.get("step", 0) < resume_step),
+                             default=-1)  # fmt: skip
         if replaced:
             with (run_dir / "metrics.replaced.jsonl").open("a") as f:
                 f.write("".join(ln + "\n" for ln in replaced))
@@ -68,12 +70,14 @@ class RunLog:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
 
-    def write(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """Append a step's record; return the ``recovered`` event it completes, if any."""
+    def write(self, record: dict[str, Any], recovers: bool = True) -> dict[str, Any] | None:
+        """Append a step's record; return the ``recovered`` event it completes, if any
+        (``recovers=False``: a step finished before the loss, logged late)."""
         record.setdefault("time", time.time())
+        self.last_step = max(self.last_step, record.get("step", -1))
         self.file.write(json.dumps(record) + "\n")
         event = None
-        if self.pending is not None:
+        if self.pending is not None and recovers:
             last = self.pending.get("last_step")
             event = {
                 "event": "recovered",

@@ -9,6 +9,7 @@ progress and writes the run directory: ``config.json``, ``metrics.jsonl``, ``tim
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from layerwise.job import checkpoints as ckpt
 from layerwise.job.autoschedule import adopt_saved
 from layerwise.job.config import TrainConfig
 from layerwise.job.console import Console, Scalars
-from layerwise.job.heal import HealLink, recover
+from layerwise.job.heal import HealLink, Snapshot, recover
 from layerwise.job.launcher import EXIT_PEER_LOST
 from layerwise.job.rundir import (
     RunLog,
@@ -52,12 +53,13 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
 
     if link is not None and link.generation > 0:  # a replacement: state from a replica
         healed = recover(link, None, build, cfg.timeout)
-        trainer, start = cast(Trainer, healed[0]), healed[1]
+        trainer, start, unlogged = cast(Trainer, healed[0]), healed[1], healed[2]
     else:
         if link is not None:
             link.connect(cfg.timeout)
         trainer = build()
         start = trainer.resume(required=resume == "required") if resume else 0
+        unlogged = None
     rank = trainer.groups.rank
     run_dir = trainer.run_dir
     if rank == 0:
@@ -79,22 +81,34 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
     measured = None
     step = start
     while step < cfg.steps:
+        lost: tuple[str, int | None, bool] | None = None
+        record = {}
         try:
             record, measured = trainer.step(step)
             _after_step(trainer, step, record)
         except (PeerError, RuntimeError) as err:
             if link is None or not lost_connection(err) or isinstance(err, ckpt.SaveError):
                 raise
+            lost = (str(err).splitlines()[0][:200], getattr(err, "peer_rank", None),
+                    lost_connection(err, "timeout"))  # fmt: skip
+        if lost is not None:  # outside the handler: its traceback no longer holds the trainer
             # stay alive: a replacement joins, and this worker's state may be the one it takes
-            print(f"[rank {rank}] {str(err).splitlines()[0][:200]}; waiting for a replacement",
-                  flush=True)  # fmt: skip
-            note_lost_peer(run_dir, rank, getattr(err, "peer_rank", None),
-                           lost_connection(err, "timeout"))  # fmt: skip
-            healed = recover(link, trainer, build, cfg.timeout)
-            trainer, step = cast(Trainer, healed[0]), healed[1]
+            print(f"[rank {rank}] {lost[0]}; waiting for a replacement", flush=True)
+            note_lost_peer(run_dir, rank, lost[1], lost[2])
+            snapshot = Snapshot.of(trainer, record or None)
+            del trainer  # with it the broken group's handles: its connections close now
+            gc.collect()
+            healed = recover(link, snapshot, build, cfg.timeout)
+            trainer, step, unlogged = cast(Trainer, healed[0]), healed[1], healed[2]
             if log is not None:
                 log.file.close()
                 log = RunLog(run_dir, step)
+        if unlogged is not None and log is not None and unlogged["step"] > log.last_step:
+            log.write(
+                unlogged, recovers=False
+            )  # its update was applied, but the failure came before its line
+        unlogged = None
+        if lost is not None:
             continue
         records.append(record)
         if log is not None and console is not None and scalars is not None:

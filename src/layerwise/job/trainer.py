@@ -94,7 +94,7 @@ def setup(cfg: TrainConfig) -> Groups:
     torch.set_num_threads(max(1, cores // local))  # workers on one machine share its cores
     if layout.dp == layout.tp == 1:  # a plain pipeline: the whole world is the pipeline
         return Groups(layout, rank, 0, None, None, None, None)
-    mesh = build_mesh(layout, "cuda" if cfg.device == "cuda" else "cpu")
+    mesh = build_mesh(layout, "cuda" if cfg.device == "cuda" else "cpu", cfg.timeout)
     return Groups(
         layout,
         rank,

@@ -10,6 +10,8 @@ train`` command wrote before starting the workers: one source of truth for every
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     follow_parent()
     quiet_interrupts()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: where is this worker stuck?
     if args.job == "train":
         from layerwise.job.config import load_config
         from layerwise.job.train import train_worker

@@ -10,6 +10,8 @@ slower links between nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -58,13 +60,39 @@ def check_grid(
         )
 
 
-def build_mesh(layout: Grid, device_type: str = "cpu") -> DeviceMesh:
-    """Create the (dp, pp, tp) mesh over the default process group (collective)."""
+def build_mesh(
+    layout: Grid, device_type: str = "cpu", timeout_s: float | None = None
+) -> DeviceMesh:
+    """Create the (dp, pp, tp) mesh over the default process group (collective). Its groups
+    get ``timeout_s`` for every operation (torch would give them 30 minutes, whatever the
+    default group has), so that a hung peer is found on the axes too."""
     if dist.get_world_size() != layout.world:
         raise ValueError(f"world size {dist.get_world_size()} is not dp*pp*tp = {layout}")
+    override: dict[int | str, Any] | None = None
+    if timeout_s is not None:
+        options = _options(device_type, timeout_s)
+        if options is not None:
+            override = {name: options for name in ("dp", "pp", "tp")}
     return init_device_mesh(
-        device_type, (layout.dp, layout.pp, layout.tp), mesh_dim_names=("dp", "pp", "tp")
+        device_type,
+        (layout.dp, layout.pp, layout.tp),
+        mesh_dim_names=("dp", "pp", "tp"),
+        backend_override=override,
     )
+
+
+def _options(device_type: str, timeout_s: float) -> tuple[str, Any] | None:
+    """Backend options carrying a timeout, for the backend this device uses."""
+    if device_type == "cuda":
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is None:
+            return None
+        options = nccl.Options()
+        options._timeout = timedelta(seconds=timeout_s)
+        return ("nccl", options)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=timeout_s)
+    return ("gloo", options)
 
 
 def describe_mesh(layout: Grid) -> str:
