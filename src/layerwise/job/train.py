@@ -79,12 +79,13 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     record: dict[str, Any] = {}
     measured = None
+    last_record: dict[str, Any] | None = None
     step = start
     while step < cfg.steps:
         lost: tuple[str, int | None, bool] | None = None
-        record = {}
         try:
             record, measured = trainer.step(step)
+            last_record = record  # of step trainer.done - 1, should a loss follow
             _after_step(trainer, step, record)
         except (PeerError, RuntimeError) as err:
             if link is None or not lost_connection(err) or isinstance(err, ckpt.SaveError):
@@ -95,7 +96,7 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
             # stay alive: a replacement joins, and this worker's state may be the one it takes
             print(f"[rank {rank}] {lost[0]}; waiting for a replacement", flush=True)
             note_lost_peer(run_dir, rank, lost[1], lost[2])
-            snapshot = Snapshot.of(trainer, record or None)
+            snapshot = Snapshot.of(trainer, last_record)
             del trainer  # with it the broken group's handles: its connections close now
             gc.collect()
             healed = recover(link, snapshot, build, cfg.timeout)
