@@ -10,6 +10,11 @@ the reference, and the largest difference between its final weights and the refe
 (zero when recovery is exact: fp32 on CPU, the same layout, redone from a checkpoint).
 
     .venv/bin/python benchmarks/bench_faults.py --trials 10 --json runs/faults.json
+    .venv/bin/python benchmarks/bench_faults.py --dp 2 --workers 1 --trials 5 \
+        --recover-from replica checkpoint      # healing in memory against a checkpoint restart
+
+With several ``--recover-from`` values each trial kills the same worker at the same moment
+in a run of each kind, side by side.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def model_flags(args: argparse.Namespace, corpus: Path) -> list[str]:
     return ["--workers", str(args.workers), "--dp", str(args.dp), "--layers", "4",
             "--d-model", "64", "--heads", "4", "--seq-len", "32", "--batch-size", "8",
             "--microbatches", "4", "--steps", str(args.steps), "--save-interval",
-            str(args.save_interval), "--eval-interval", str(args.steps), "--timeout", "10",
+            str(args.save_interval), "--eval-interval", str(args.steps), "--timeout",
+            str(args.timeout),
             "--data", str(corpus)]  # fmt: skip
 
 
@@ -64,34 +70,33 @@ def first_step_time(run_dir: Path) -> float | None:
     return None
 
 
-def run(flags: list[str], run_dir: Path, kill_after: float | None, rng: random.Random
+def run(flags: list[str], run_dir: Path, kill_after: float | None, victim: int | None
         ) -> dict[str, Any]:  # fmt: skip
     cmd = [sys.executable, "-m", "layerwise", "train", "--run-dir", str(run_dir), *flags]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
-    killed = None
+    killed = False
     if kill_after is not None:
         while first_step_time(run_dir) is None and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(kill_after)
         pids = workers_of(proc.pid)
         if pids and proc.poll() is None:
-            killed = rng.choice(pids)
-            os.kill(killed, signal.SIGKILL)
+            os.kill(pids[(victim or 0) % len(pids)], signal.SIGKILL)
+            killed = True
     out, _ = proc.communicate(timeout=900)
     wall = time.time() - t0
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = sorted({r["step"] for r in records if "loss" in r})
     events = [r for r in records if "event" in r]
     recovered = [e for e in events if e["event"] == "recovered"]
-    return {"exit": proc.returncode, "wall_s": wall, "killed": killed is not None,
+    times = [r["time"] for r in records if "loss" in r]
+    return {"exit": proc.returncode, "wall_s": wall, "killed": killed,
             "steps_done": len(steps), "recoveries": len(recovered),
             "recovery_s": [e["recovery_s"] for e in recovered],
             "steps_redone": sum(e["steps_redone"] for e in recovered),
-            "train_s": (max(r["time"] for r in records if "loss" in r)
-                        - min(r["time"] for r in records if "loss" in r)),
-            "tail": out[-1500:]}  # fmt: skip
+            "train_s": max(times) - min(times), "tail": out[-1500:]}  # fmt: skip
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -108,6 +113,9 @@ def main() -> None:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--save-interval", type=int, default=25)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--recover-from", nargs="+", default=["replica"],
+                   choices=("replica", "checkpoint"))  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -118,39 +126,45 @@ def main() -> None:
     flags = model_flags(args, corpus)
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores; "
           f"{args.dp * args.workers} workers", flush=True)  # fmt: skip
-    ref = run(flags, root / "reference", None, rng)
+    ref = run(flags, root / "reference", None, None)
     assert ref["exit"] == 0, ref["tail"]
     reference = final_weights(root / "reference")
     rows = []
     for trial in range(args.trials):
-        at = rng.uniform(0.0, ref["train_s"])
-        row = run(flags, root / f"trial{trial}", at, rng)
-        weights = final_weights(root / f"trial{trial}") if row["exit"] == 0 else {}
-        diffs = [(w - reference[k]).abs().max().item() for k, w in weights.items()]
-        row["max_weight_diff"] = max(diffs, default=float("nan"))
-        row.update(trial=trial, kill_at_s=at, lost_s=row["wall_s"] - ref["wall_s"])
-        rows.append(row)
-        print(f"trial {trial}: kill at {at:.1f}s into training; exit {row['exit']}, "
-              f"{row['steps_done']}/{args.steps} steps, recovery {row['recovery_s']}, "
-              f"{row['steps_redone']} redone, {row['lost_s']:+.1f}s, max weight diff "
-              f"{row['max_weight_diff']:.2g}", flush=True)  # fmt: skip
+        at, victim = rng.uniform(0.0, ref["train_s"]), rng.randrange(args.dp * args.workers)
+        for how in args.recover_from:
+            run_dir = root / f"trial{trial}-{how}"
+            row = run([*flags, "--recover-from", how], run_dir, at, victim)
+            weights = final_weights(run_dir) if row["exit"] == 0 else {}
+            diffs = [(w - reference[k]).abs().max().item() for k, w in weights.items()]
+            row["max_weight_diff"] = max(diffs, default=float("nan"))
+            row.update(trial=trial, how=how, victim=victim, kill_at_s=at,
+                       lost_s=row["wall_s"] - ref["wall_s"])  # fmt: skip
+            rows.append(row)
+            print(f"trial {trial} ({how}): kill worker {victim} at {at:.1f}s into training; "
+                  f"exit {row['exit']}, {row['steps_done']}/{args.steps} steps, recovery "
+                  f"{row['recovery_s']}, {row['steps_redone']} redone, {row['lost_s']:+.1f}s, "
+                  f"max weight diff {row['max_weight_diff']:.2g}", flush=True)  # fmt: skip
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}\n")
     print(f"reference: {args.steps} steps in {ref['wall_s']:.1f}s wall "
           f"({ref['train_s']:.1f}s of training)\n")  # fmt: skip
-    print("| trial | killed at (s into training) | completed | recovery (s) | steps redone "
-          "| wall time lost (s) | max weight diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| trial | recovery from | worker killed | at (s into training) | completed "
+          "| recovery (s) | steps redone | wall time lost (s) | max weight diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         done = "yes" if r["exit"] == 0 and r["steps_done"] == args.steps else "NO"
-        print(f"| {r['trial']} | {r['kill_at_s']:.1f} | {done} | "
+        print(f"| {r['trial']} | {r['how']} | {r['victim']} | {r['kill_at_s']:.1f} | {done} | "
               f"{', '.join(f'{x:.1f}' for x in r['recovery_s']) or '-'} | {r['steps_redone']} | "
               f"{r['lost_s']:.1f} | {r['max_weight_diff']:.2g} |")  # fmt: skip
-    recov = [x for r in rows for x in r["recovery_s"]]
-    if recov:
-        print(f"\ncompleted {sum(r['exit'] == 0 for r in rows)}/{len(rows)}; recovery median "
-              f"{statistics.median(recov):.1f}s (max {max(recov):.1f}s); wall time lost median "
-              f"{statistics.median(r['lost_s'] for r in rows):.1f}s; steps redone median "
-              f"{statistics.median(r['steps_redone'] for r in rows)}")  # fmt: skip
+    for how in args.recover_from:
+        mine = [r for r in rows if r["how"] == how]
+        recov = [x for r in mine for x in r["recovery_s"]]
+        if recov:
+            lost = statistics.median(r["lost_s"] for r in mine)
+            redone = statistics.median(r["steps_redone"] for r in mine)
+            print(f"\n{how}: completed {sum(r['exit'] == 0 for r in mine)}/{len(mine)}; "
+                  f"recovery median {statistics.median(recov):.1f}s (max {max(recov):.1f}s); "
+                  f"wall time lost median {lost:.1f}s; steps redone median {redone}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"reference": ref, "trials": rows}, indent=1))

@@ -414,3 +414,36 @@ def test_train_resume_of_a_directory_that_is_not_a_run(
     err = fails(["train", "--resume", str(tmp_path)], capsys)
     assert f"{tmp_path} holds no run: {tmp_path / 'config.json'} is missing" in err
     assert "give a directory that 'layerwise train' wrote" in err
+
+
+def test_train_resume_needs_a_checkpoint_and_the_same_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run(tmp_path / "run", [])
+    err = fails(["train", "--resume", str(run)], capsys)
+    assert f"cannot resume {run}: it has no checkpoint" in err
+    (run / "checkpoints" / "step_0000010.tmp").mkdir(parents=True)  # a save cut short
+    assert "it has no checkpoint" in fails(["train", "--resume", str(run)], capsys)
+    (run / "checkpoints" / "step_0000010").mkdir()
+    err = fails(["train", "--resume", str(run), "--heads", "8", "--layers", "6"], capsys)
+    assert (
+        "the model's architecture differs (layers 4 saved, 6 given, heads 4 saved, 8 given)" in err
+    )
+    # a layout change is allowed, and said; then the workers would start
+    with pytest.raises(AssertionError, match="workers would start"):
+        main(["train", "--resume", str(run), "--workers", "2", "--dp", "2", "--zero", "1"])
+    out = capsys.readouterr().out
+    assert "saved as dp1 pp4 tp1 1f1b m=8, on dp2 pp2 tp1 zero1 1f1b m=8" in out
+
+
+def test_train_flags_of_a_job_that_heals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "--run-dir", str(tmp_path / "r"), "--steps", "2"]
+    assert "--max-restarts must be 0 (never restart) or more, got -1" in fails(
+        [*base, "--max-restarts", "-1"], capsys
+    )
+    err = fails([*base, "--on-save-error", "ignore"], capsys)
+    assert "--on-save-error must be one of stop | continue, got 'ignore'" in err
+    err = fails([*base, "--recover-from", "disk"], capsys)
+    assert "--recover-from must be one of replica | checkpoint, got 'disk'" in err

@@ -214,13 +214,16 @@ def _start(run_dir: Path, corpus: Path, *flags: str) -> subprocess.Popen[str]:
     )
 
 
-def _kill_then_hang(run_dir: Path, corpus: Path, *layout: str) -> tuple[str, list[dict[str, Any]]]:
-    """Run the job; SIGKILL worker 1 at step 12, and once the job is back, SIGSTOP worker 0
-    at step 28. Return the launcher's output and the job's events."""
+def _kill_then_hang(
+    run_dir: Path, corpus: Path, *layout: str, kill: bool
+) -> tuple[str, list[dict[str, Any]]]:
+    """Run the job; (``kill``) SIGKILL worker 1 at step 12 and, once the job is back,
+    SIGSTOP worker 0 at step 28. Return the launcher's output and the recoveries."""
     proc = _start(run_dir, corpus, *layout, "--timeout", "5")
     try:
-        _wait_for_step(run_dir, 12, proc)
-        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        if kill:
+            _wait_for_step(run_dir, 12, proc)
+            os.kill(_workers(proc.pid)[1], signal.SIGKILL)
         _wait_for_step(run_dir, 28, proc)
         os.kill(_workers(proc.pid)[0], signal.SIGSTOP)
         out, _ = proc.communicate(timeout=200)
@@ -232,9 +235,10 @@ def _kill_then_hang(run_dir: Path, corpus: Path, *layout: str) -> tuple[str, lis
     events = [r for r in records(run_dir) if "event" in r]
     lost = [e for e in events if e["event"] == "worker_lost"]
     recovered = [e for e in events if e["event"] == "recovered"]
-    assert [e["workers"] for e in lost] == [[1], [0]], events
-    assert lost[0]["how"] == "killed by SIGKILL" and "stopped answering" in lost[1]["how"]
-    assert len(recovered) == 2 and all(e["recovery_s"] > 0 for e in recovered)
+    assert [e["workers"] for e in lost] == [[1], [0]][1 - kill :], events
+    assert not kill or lost[0]["how"] == "killed by SIGKILL"
+    assert "stopped answering" in lost[-1]["how"]
+    assert len(recovered) == len(lost) and all(e["recovery_s"] > 0 for e in recovered)
     return out, recovered
 
 
@@ -242,16 +246,20 @@ def _kill_then_hang(run_dir: Path, corpus: Path, *layout: str) -> tuple[str, lis
 def test_the_job_heals_itself_after_a_killed_and_a_hung_worker(
     tmp_path: Path, corpus: Path
 ) -> None:
-    # a pipeline: every worker restarts from the newest checkpoint
-    out, recovered = _kill_then_hang(tmp_path / "pp2", corpus, "--workers", "2")
-    assert "worker 1 killed by SIGKILL; restarting from the newest checkpoint" in out
+    # a pipeline: its peers find the hung worker, and every worker restarts from the newest
+    # checkpoint (after a SIGKILL the restart is the same; test_supervisor_* checks the
+    # launcher's verdict on each kind of exit)
+    out, recovered = _kill_then_hang(tmp_path / "pp2", corpus, "--workers", "2", kill=False)
+    assert "worker 0 stopped answering (its peers timed out) and was stopped; restarting" in out
     # every step redone from a checkpoint repeats the lost run's loss exactly
     first = {r["step"]: r["loss"] for r in records(tmp_path / "pp2", "metrics.replaced.jsonl")}
     assert first and all(losses(tmp_path / "pp2")[s] == loss for s, loss in first.items())
     assert sum(e["steps_redone"] for e in recovered) == len(first)
     # two data-parallel replicas: the replacement takes its state from the survivor, in
     # memory, and only the step in flight is redone
-    out, recovered = _kill_then_hang(tmp_path / "dp2", corpus, "--workers", "1", "--dp", "2")
+    out, recovered = _kill_then_hang(
+        tmp_path / "dp2", corpus, "--workers", "1", "--dp", "2", kill=True
+    )
     assert "takes its state from a surviving replica" in out
     assert [e["steps_redone"] for e in recovered] == [0, 0]
     assert not (tmp_path / "dp2" / "metrics.replaced.jsonl").exists()

@@ -208,7 +208,7 @@ def test_v_schedules_train_like_one_process(v_runs: tuple[int, list[dict]]) -> N
     assert len(sizes) == 11  # dualpipe-v refuses m = p
     for rank, res in enumerate(results):
         for name, m in sizes:
-            for p2p in vw.TRANSPORTS:
+            for p2p in vw.transports(name, m, world):
                 for recompute in ("never", "always", "except_last"):
                     case = f"{name} m={m} {p2p} {recompute}"
                     assert res[case] == [], f"worker {rank}, {case}: {res[case]}"
