@@ -76,7 +76,7 @@ def test_two_nodes_hybrid_then_resume_on_another_layout(tmp_path) -> None:  # ty
     run_dir = tmp_path / "hybrid"
     train_on_two_nodes(2, ["--dp", "2", "--pp", "2", "--zero", "1", "--steps", "2",
                            "--run-dir", str(run_dir), *tiny_model(str(corpus))])  # fmt: skip
-    # ZeRO-1 shards over two replicas, resumed as one pipeline with tensor parallelism
+    # ZeRO-1 shards of a pipeline over two replicas, resumed as one tensor-parallel stage
     resumed = subprocess.run(
         [
             sys.executable,
@@ -91,6 +91,8 @@ def test_two_nodes_hybrid_then_resume_on_another_layout(tmp_path) -> None:  # ty
             "1",
             "--zero",
             "0",
+            "--pp",
+            "1",
             "--tp",
             "2",
         ],
@@ -99,7 +101,7 @@ def test_two_nodes_hybrid_then_resume_on_another_layout(tmp_path) -> None:  # ty
         timeout=240,
     )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "saved as dp2 pp2 tp1 zero1 1f1b m=2, on dp1 pp2 tp2 1f1b m=2" in resumed.stdout
+    assert "saved as dp2 pp2 tp1 zero1 1f1b m=2, on dp1 pp1 tp2 1f1b m=2" in resumed.stdout
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [0, 1, 2, 3]
     other = subprocess.run(
@@ -113,7 +115,7 @@ def test_two_nodes_hybrid_then_resume_on_another_layout(tmp_path) -> None:  # ty
     again = subprocess.run([sys.executable, "-m", "layerwise", "train", "--run-dir", str(run_dir)],
                            capture_output=True, text=True, timeout=100)  # fmt: skip
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    # sampling reads the tensor-parallel checkpoint on a plain pipeline
+    # sampling reads the tensor-parallel checkpoint on one plain worker
     gen = subprocess.run(
         [
             sys.executable,
