@@ -138,6 +138,8 @@ def main() -> None:
             weights = final_weights(run_dir) if row["exit"] == 0 else {}
             diffs = [(w - reference[k]).abs().max().item() for k, w in weights.items()]
             row["max_weight_diff"] = max(diffs, default=float("nan"))
+            # without replicas there is nothing to heal from: the restart uses the checkpoint
+            how = how if args.dp > 1 else "checkpoint"
             row.update(trial=trial, how=how, victim=victim, kill_at_s=at,
                        lost_s=row["wall_s"] - ref["wall_s"])  # fmt: skip
             rows.append(row)
@@ -156,7 +158,7 @@ def main() -> None:
         print(f"| {r['trial']} | {r['how']} | {r['victim']} | {r['kill_at_s']:.1f} | {done} | "
               f"{', '.join(f'{x:.1f}' for x in r['recovery_s']) or '-'} | {r['steps_redone']} | "
               f"{r['lost_s']:.1f} | {r['max_weight_diff']:.2g} |")  # fmt: skip
-    for how in args.recover_from:
+    for how in sorted({r["how"] for r in rows}):
         mine = [r for r in rows if r["how"] == how]
         recov = [x for r in mine for x in r["recovery_s"]]
         if recov:

@@ -254,7 +254,7 @@ def test_a_pipeline_heals_itself_then_stops_cleanly(tmp_path: Path, corpus: Path
     assert out.strip().splitlines()[-1].startswith("layerwise: interrupted; every worker stopped")
     lost, recovered = _events(run_dir, "worker_lost"), _events(run_dir, "recovered")
     assert lost[0]["workers"] == [1] and lost[0]["how"] == "killed by SIGKILL"
-    assert recovered[0]["recovery_s"] > 0 and recovered[0]["steps_redone"] >= 2
+    assert recovered[0]["recovery_s"] > 0
     # every step redone from a checkpoint repeats the lost run's loss exactly
     first = {r["step"]: r["loss"] for r in records(run_dir, "metrics.replaced.jsonl")}
     assert len(first) == recovered[0]["steps_redone"]
@@ -301,6 +301,11 @@ def test_replicas_heal_a_killed_and_a_hung_worker_in_memory(tmp_path: Path, corp
     assert [e["steps_redone"] for e in recovered] == [0, 0]
     assert all(e["recovery_s"] > 0 for e in recovered)
     assert not (run_dir / "metrics.replaced.jsonl").exists()
+    from layerwise.job.diagnose import diagnose
+
+    said = [f["what"] for f in diagnose(run_dir)["failures"]]
+    assert len(said) == 2 and said[0].startswith("1 (killed by SIGKILL) after step")
+    assert all("0 logged step(s) redone, from a surviving replica" in w for w in said)
     # and the healed run ends with the weights of an uninterrupted one
     whole = _start(tmp_path / "whole", corpus, *layout)
     whole.communicate(timeout=200)

@@ -14,7 +14,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from layerwise.job.progress import health, progress, read_config, read_metrics, render_progress
+from layerwise.job.progress import (
+    health,
+    progress,
+    read_config,
+    read_events,
+    read_metrics,
+    render_progress,
+)
 from layerwise.partition import partition
 from layerwise.schedules import alternatives, chunks_for, generate, get, problems
 from layerwise.simulate import Costs, measured_costs, simulate
@@ -220,6 +227,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         "predicted_step_s": simulated.makespan(),
         "predicted_before_training_s": prediction["predicted_step_s"] if prediction else None,
         **health(metrics),
+        "failures": failures(read_events(run_dir)),
         "suggestions": (
             suggestions(
                 {**cfg, "stage_sizes": measured.meta.get("stage_sizes")},
@@ -233,6 +241,23 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         ),
         "chart": render_ascii(measured, 80),
     }
+
+
+def failures(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each lost worker with its recovery, from the job's events, in one line each."""
+    out = []
+    recovered = {e.get("restart"): e for e in events if e.get("event") == "recovered"}
+    for e in (e for e in events if e.get("event") == "worker_lost"):
+        back = recovered.get(e.get("restart"))
+        how = "not recovered"
+        if back:
+            how = (f"recovered in {back['recovery_s']:.1f}s from step {back['resumed_at']}, "
+                   f"{back['steps_redone']} logged step(s) redone")  # fmt: skip
+        source = "a surviving replica" if "healing" in e else "the newest checkpoint"
+        out.append({**e, "recovery": back, "what": (
+            f"{', '.join(map(str, e.get('workers', [])))} ({e.get('how')}) after step "
+            f"{e.get('last_step')}: {how}" + (f", from {source}" if back else ""))})  # fmt: skip
+    return out
 
 
 def render(report: dict[str, Any]) -> str:
@@ -301,6 +326,8 @@ def render(report: dict[str, Any]) -> str:
         f"non-finite steps: {report['nonfinite_steps'] or 'none'}; loss spikes: "
         f"{[s['step'] for s in report['loss_spikes']] or 'none'}"
     )
+    for f in report.get("failures", []):
+        lines.append(f"lost worker {f['what']}")
     if report["suggestions"]:
         lines += ["", "suggestions (predicted by the simulator from the measured stage times):"]
         for i, s in enumerate(report["suggestions"], 1):

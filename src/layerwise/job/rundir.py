@@ -70,12 +70,18 @@ class RunLog:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
 
-    def write(self, record: dict[str, Any], recovers: bool = True) -> dict[str, Any] | None:
+    def recovered(self) -> dict[str, Any] | None:
+        """Write the ``recovered`` event of a restart that had no step left to run."""
+        return self.write({"time": time.time()}, log_record=False) if self.pending else None
+
+    def write(self, record: dict[str, Any], recovers: bool = True,
+              log_record: bool = True) -> dict[str, Any] | None:  # fmt: skip
         """Append a step's record; return the ``recovered`` event it completes, if any
         (``recovers=False``: a step finished before the loss, logged late)."""
         record.setdefault("time", time.time())
         self.last_step = max(self.last_step, record.get("step", -1))
-        self.file.write(json.dumps(record) + "\n")
+        if log_record:
+            self.file.write(json.dumps(record) + "\n")
         event = None
         if self.pending is not None and recovers:
             last = self.pending.get("last_step")

@@ -79,50 +79,57 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     record: dict[str, Any] = {}
     measured = None
-    last_record: dict[str, Any] | None = None
+    last_record: dict[str, Any] | None = None  # of step trainer.done - 1, should a loss follow
+
+    def show(record: dict[str, Any], recovers: bool = True) -> None:
+        """Log a step (first rank): metrics.jsonl, TensorBoard, the console."""
+        if log is None or console is None or scalars is None:
+            return
+        event = log.write(record, recovers)
+        if event is not None:
+            print(f"layerwise: recovered {event['recovery_s']:.1f}s after the loss; resumed at "
+                  f"step {event['resumed_at']}, {event['steps_redone']} logged step(s) redone",
+                  flush=True)  # fmt: skip
+        scalars.write(record)
+        console.step(record)
+
+    if unlogged is not None and log is not None and unlogged["step"] > log.last_step:
+        show(unlogged, recovers=False)  # a replaced first rank: the step its peer finished
     step = start
     while step < cfg.steps:
         lost: tuple[str, int | None, bool] | None = None
         try:
             record, measured = trainer.step(step)
-            last_record = record  # of step trainer.done - 1, should a loss follow
-            _after_step(trainer, step, record)
+            last_record = record
+            _validate(trainer, step, record)
+            records.append(record)
+            show(record)  # before the checkpoint: a step saved is a step logged
+            _save(trainer, step, record)
         except (PeerError, RuntimeError) as err:
             if link is None or not lost_connection(err) or isinstance(err, ckpt.SaveError):
                 raise
             lost = (str(err).splitlines()[0][:200], getattr(err, "peer_rank", None),
                     lost_connection(err, "timeout"))  # fmt: skip
-        if lost is not None:  # outside the handler: its traceback no longer holds the trainer
-            # stay alive: a replacement joins, and this worker's state may be the one it takes
-            print(f"[rank {rank}] {lost[0]}; waiting for a replacement", flush=True)
-            note_lost_peer(run_dir, rank, lost[1], lost[2])
-            snapshot = Snapshot.of(trainer, last_record)
-            del trainer  # with it the broken group's handles: its connections close now
-            gc.collect()
-            healed = recover(link, snapshot, build, cfg.timeout)
-            trainer, step, unlogged = cast(Trainer, healed[0]), healed[1], healed[2]
-            if log is not None:
-                log.file.close()
-                log = RunLog(run_dir, step)
-        if unlogged is not None and log is not None and unlogged["step"] > log.last_step:
-            log.write(
-                unlogged, recovers=False
-            )  # its update was applied, but the failure came before its line
-        unlogged = None
-        if lost is not None:
+        if lost is None:
+            step += 1
             continue
-        records.append(record)
-        if log is not None and console is not None and scalars is not None:
-            event = log.write(record)
-            if event is not None:
-                print(
-                    f"layerwise: recovered {event['recovery_s']:.1f}s after the loss; resumed at "
-                    f"step {event['resumed_at']}, {event['steps_redone']} logged step(s) redone",
-                    flush=True,
-                )
-            scalars.write(record)
-            console.step(record)
-        step += 1
+        # outside the handler (its traceback would hold the trainer): stay alive, a
+        # replacement joins, and this worker's state may be the one it takes
+        print(f"[rank {rank}] {lost[0]}; waiting for a replacement", flush=True)
+        note_lost_peer(run_dir, rank, lost[1], lost[2])
+        snapshot = Snapshot.of(trainer, last_record)
+        del trainer  # with it the broken group's handles: its connections close now
+        gc.collect()
+        healed = recover(link, snapshot, build, cfg.timeout)
+        trainer, step, unlogged = cast(Trainer, healed[0]), healed[1], healed[2]
+        last_record = None
+        if log is not None:
+            log.file.close()
+            log = RunLog(run_dir, step)
+            if unlogged is not None and unlogged["step"] > log.last_step:
+                show(unlogged, recovers=False)  # finished before the loss, never logged
+    if log is not None and start >= cfg.steps:
+        log.recovered()  # lost after its last step: the restart had nothing left to do
     if measured is not None:
         pipe = trainer.pipe
         measured.meta["stage_sizes"] = pipe.partition.sizes
@@ -138,13 +145,17 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
     return record
 
 
-def _after_step(trainer: Trainer, step: int, record: dict[str, Any]) -> None:
-    """Validation and checkpoint after ``step``, when they are due (collective)."""
+def _validate(trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    """The validation loss after ``step``, when it is due (collective)."""
     cfg = trainer.cfg
-    last = step + 1 == cfg.steps
-    if (step + 1) % cfg.eval_interval == 0 or last:
+    if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
         record["val_loss"] = trainer.validation_loss()
-    if (step + 1) % cfg.save_interval == 0 or last:
+
+
+def _save(trainer: Trainer, step: int, record: dict[str, Any]) -> None:
+    """The checkpoint after ``step``, when it is due (collective)."""
+    cfg = trainer.cfg
+    if (step + 1) % cfg.save_interval == 0 or step + 1 == cfg.steps:
         unsaved = trainer.save(step + 1)
         if unsaved is not None:
             record["unsaved"] = unsaved
