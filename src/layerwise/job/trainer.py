@@ -8,6 +8,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,32 @@ class Groups:
     tp_mesh: Any
 
 
+def attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's agent store, a view of it for this restart only. After torchrun
+    restarts a job, the agent's store still holds the process-group keys of the attempt
+    before (in torch 2.13), and the new workers would try to reach the dead ones' addresses."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"layerwise/attempt_{attempt}/", store)
+
+
 def setup(cfg: TrainConfig) -> Groups:
     layout = cfg.grid()
     family = cfg.family()
     family.check(layout)
     if not dist.is_initialized():
-        from datetime import timedelta
-
         backend = "nccl" if cfg.device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+        timeout = timedelta(seconds=cfg.timeout)
+        store = attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)  # fmt: skip
     rank, world = dist.get_rank(), dist.get_world_size()
     family.check(layout, world)
     if cfg.device == "cuda":
