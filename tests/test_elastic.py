@@ -344,4 +344,8 @@ def test_the_supervisor_restarts_lost_workers_only_and_gives_up_after_the_limit(
     assert starts[0][-2:] == ["--resume", "required"]
     starts.clear()
     outcomes[:] = [Outcome(interrupted=True)]
+    # a lost peer noted by the job before this one is not read as a loss of this one
+    (tmp_path / supervisor.PEER_NOTES).mkdir(exist_ok=True)
+    (tmp_path / supervisor.PEER_NOTES / "rank0").write_text('{"peer": 1, "timed_out": true}')
     assert supervisor.supervise(cfg, resume=True) == 130
+    assert not list((tmp_path / supervisor.PEER_NOTES).iterdir())

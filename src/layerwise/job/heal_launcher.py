@@ -12,7 +12,6 @@ stops every worker.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,15 @@ import torch.distributed as dist
 from layerwise.job.config import TrainConfig
 from layerwise.job.heal import GENERATION_ENV, GENERATION_KEY, STORE_ENV
 from layerwise.job.launcher import EXIT_PEER_LOST, Outcome, describe_failures, free_port
-from layerwise.job.supervisor import LOCK_ENV, PEER_NOTES, lost_event
+from layerwise.job.supervisor import (
+    LOCK_ENV,
+    PEER_NOTES,
+    append_event,
+    forget_lost_peers,
+    lost_event,
+    say_gave_up,
+    say_interrupted,
+)
 
 
 def heals_in_memory(cfg: TrainConfig) -> bool:
@@ -94,6 +101,7 @@ def run_healing(cfg: TrainConfig, resume: str | None) -> int:
                           timeout=timedelta(seconds=cfg.timeout))  # fmt: skip
     generation, restarts = 0, 0
     store.set(GENERATION_KEY, str(generation))
+    forget_lost_peers(run_dir)
     workers = Workers(cfg, ["train", str(run_dir)], port)
     for rank in range(workers.world):
         workers.start(rank, generation, ["--resume", resume] if resume else [])
@@ -110,17 +118,12 @@ def run_healing(cfg: TrainConfig, resume: str | None) -> int:
             if not lost_kind or restarts >= cfg.max_restarts:
                 workers.kill()
                 print(describe_failures(lost), file=sys.stderr, flush=True)
-                if lost_kind:
-                    print(f"layerwise: gave up after {restarts} restart(s) (--max-restarts "
-                          f"{cfg.max_restarts}); continue with: layerwise train --resume "
-                          f"{run_dir}", file=sys.stderr, flush=True)  # fmt: skip
-                return 1
+                return say_gave_up(restarts, cfg.max_restarts, run_dir) if lost_kind else 1
             restarts += 1
             event = lost_event(run_dir, Outcome(lost), restarts, cfg.max_restarts)
             event["workers"] = sorted(lost)
             event["healing"] = "replacements take their state from a surviving replica"
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(event) + "\n")
+            append_event(run_dir, event)
             print(f"layerwise: worker {', '.join(map(str, sorted(lost)))} {event['how']}; "
                   f"starting a replacement that takes its state from a surviving replica "
                   f"(restart {restarts} of {cfg.max_restarts})", flush=True)  # fmt: skip
@@ -130,9 +133,6 @@ def run_healing(cfg: TrainConfig, resume: str | None) -> int:
                 workers.start(rank, generation, [])
     except KeyboardInterrupt:
         workers.kill(sig=signal.SIGINT)
-        print(f"layerwise: interrupted; every worker stopped. The run resumes from its last "
-              f"checkpoint with: layerwise train --resume {run_dir}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 130
+        return say_interrupted(run_dir)
     finally:
         workers.kill()

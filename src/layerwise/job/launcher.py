@@ -50,8 +50,9 @@ class Outcome:
     def lost_worker(self) -> bool:
         """A worker was killed by a signal not sent by the launcher, or a worker lost a peer:
         a failure the job may survive by restarting (an error in the code would recur)."""
-        lost = (c for c in self.exitcodes.values() if c < 0 and c != -signal.SIGTERM)
-        return any(True for _ in lost) or EXIT_PEER_LOST in self.exitcodes.values()
+        return any(
+            (c < 0 and c != -signal.SIGTERM) or c == EXIT_PEER_LOST for c in self.exitcodes.values()
+        )
 
 
 def launch(nproc: int, argv: Sequence[str], monitor_interval: float = 0.5) -> Outcome:

@@ -97,6 +97,12 @@ def note_lost_peer(run_dir: Path, rank: int, peer: int | None, timed_out: bool) 
         pass  # only a hint for the report
 
 
+def forget_lost_peers(run_dir: Path) -> None:
+    """Drop notes left by a job before this one (one that gave up, or was stopped): a new
+    start must not read them as a loss of its own."""
+    _peer_notes(run_dir)
+
+
 def _peer_notes(run_dir: Path) -> list[dict[str, Any]]:
     """What the workers noted about the peers they lost; the notes are then removed."""
     folder = run_dir / PEER_NOTES
@@ -130,6 +136,7 @@ class Reaper:
         self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)
 
     def __enter__(self) -> Reaper:
+        forget_lost_peers(self.folder.parent)
         self.thread.start()
         return self
 
@@ -211,9 +218,23 @@ def refit(cfg: TrainConfig, workers: int) -> TrainConfig | None:
     return None if best is None else best[2]
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+def append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """Add a job event (a lost worker) to metrics.jsonl, beside the steps' records."""
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def say_interrupted(run_dir: Path) -> int:
+    print(f"layerwise: interrupted; every worker stopped. The run resumes from its last "
+          f"checkpoint with: layerwise train --resume {run_dir}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return 130
+
+
+def say_gave_up(restarts: int, limit: int, run_dir: Path) -> int:
+    print(f"layerwise: gave up after {restarts} restart(s) (--max-restarts {limit}); continue "
+          f"with: layerwise train --resume {run_dir}", file=sys.stderr, flush=True)  # fmt: skip
+    return 1
 
 
 def supervise(cfg: TrainConfig, resume: bool) -> int:
@@ -234,32 +255,20 @@ def supervise(cfg: TrainConfig, resume: bool) -> int:
         if outcome.ok:
             return 0
         if outcome.interrupted:
-            print(
-                f"layerwise: interrupted; every worker stopped. The run resumes from its last "
-                f"checkpoint with: layerwise train --resume {run_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 130
+            return say_interrupted(run_dir)
         if not outcome.lost_worker or restarts >= cfg.max_restarts:
             print(describe_failures(outcome.exitcodes), file=sys.stderr, flush=True)
         if not outcome.lost_worker:
             return 1
         if restarts >= cfg.max_restarts:
-            print(
-                f"layerwise: gave up after {restarts} restart(s) (--max-restarts "
-                f"{cfg.max_restarts}); continue with: layerwise train --resume {run_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 1
+            return say_gave_up(restarts, cfg.max_restarts, run_dir)
         restarts += 1
         event = lost_event(run_dir, outcome, restarts, cfg.max_restarts)
-        fitted = refit(cfg, available_workers(cfg))
+        available = available_workers(cfg)
+        fitted = refit(cfg, available)
         if fitted is None:
             print(
-                f"layerwise: no layout of this model runs on the {available_workers(cfg)} "
-                f"workers left; stopped",
+                f"layerwise: no layout of this model runs on the {available} workers left; stopped",
                 file=sys.stderr,
                 flush=True,
             )
@@ -268,7 +277,7 @@ def supervise(cfg: TrainConfig, resume: bool) -> int:
             event["relaid_out"] = {"from": str(cfg.grid()), "to": str(fitted.grid())}
             cfg = fitted
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        _append(run_dir / "metrics.jsonl", event)
+        append_event(run_dir, event)
         where = f"; now on {cfg.grid()}" if "relaid_out" in event else ""
         print(
             f"layerwise: worker {', '.join(map(str, event['workers']))} {event['how']}; "
