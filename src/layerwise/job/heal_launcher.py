@@ -64,11 +64,18 @@ class Workers:
         return {r: p.poll() for r, p in self.procs.items()}
 
     def kill(self, ranks: list[int] | None = None, sig: int = signal.SIGKILL) -> None:
-        for rank in self.procs if ranks is None else ranks:
-            if self.procs[rank].poll() is None:
-                self.procs[rank].send_signal(sig)
-        for rank in self.procs if ranks is None else ranks:
-            self.procs[rank].wait()
+        """Send ``sig``; a worker still there 5 s later (a stopped one ignores all but
+        SIGKILL) gets SIGKILL, so this never waits unbounded."""
+        chosen = [self.procs[r] for r in (self.procs if ranks is None else ranks)]
+        for proc in chosen:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        for proc in chosen:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _noted(run_dir: Path) -> set[int]:
