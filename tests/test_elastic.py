@@ -280,19 +280,19 @@ def test_a_pipeline_heals_itself_then_stops_cleanly(tmp_path: Path, corpus: Path
 
 @pytest.mark.timeout(300)
 def test_replicas_heal_a_killed_and_a_hung_worker_in_memory(tmp_path: Path, corpus: Path) -> None:
-    run_dir, layout = tmp_path / "dp2", ["--workers", "1", "--dp", "2", "--steps", "60"]
+    run_dir, layout = tmp_path / "dp2", ["--workers", "1", "--dp", "2", "--steps", "40"]
     proc = _start(run_dir, corpus, *layout, "--timeout", "5")
     try:
-        _wait_for_step(run_dir, 12, proc)
+        _wait_for_step(run_dir, 8, proc)
         os.kill(_workers(proc.pid)[1], signal.SIGKILL)
-        _wait_for_step(run_dir, 28, proc)
+        _wait_for_step(run_dir, 20, proc)
         os.kill(_workers(proc.pid)[0], signal.SIGSTOP)
         out, _ = proc.communicate(timeout=200)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
-    assert sorted(losses(run_dir)) == list(range(60))
+    assert sorted(losses(run_dir)) == list(range(40))
     lost, recovered = _events(run_dir, "worker_lost"), _events(run_dir, "recovered")
     assert [e["workers"] for e in lost] == [[1], [0]], lost
     assert lost[0]["how"] == "killed by SIGKILL" and "stopped answering" in lost[1]["how"]

@@ -20,14 +20,20 @@ __all__ = [
     "PartitionError",
     "PeerError",
     "Pipeline",
+    "Pop",
     "Schedule",
     "ScheduleError",
+    "Stash",
     "Timeline",
     "generate",
     "partition",
+    "pop",
     "simulate",
+    "skippable",
+    "stash",
     "validate",
 ]
+_SKIPS = ("Stash", "Pop", "stash", "pop", "skippable")
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from layerwise import runtime
 
         return getattr(runtime, name)
+    if name in _SKIPS:
+        from layerwise import skips
+
+        return getattr(skips, name)
     raise AttributeError(f"module 'layerwise' has no attribute {name!r}")

@@ -36,7 +36,9 @@ class Costs:
     ``input_grad`` and ``weight_grad`` default to half of ``backward`` each; they are only
     used by stages whose backward the schedule splits into I and W.
     ``activation_bytes[s]`` is the size of what stage s sends forward (its gradient, sent
-    back, is the same size).
+    back, is the same size). ``skip_bytes`` gives the size of the skips between two stages
+    (``Schedule.skips``) as ((stashing stage, popping stage), bytes) pairs; a skip not
+    listed is costed like its stashing stage's activation.
     """
 
     forward: tuple[float, ...]
@@ -46,6 +48,7 @@ class Costs:
     activation_bytes: tuple[float, ...]
     comm_latency: float = 0.0
     comm_bandwidth: float = math.inf  # bytes per second
+    skip_bytes: tuple[tuple[tuple[int, int], float], ...] = ()
 
     @staticmethod
     def per_stage(
@@ -118,6 +121,12 @@ class Costs:
         boundary = min(sender_stage, receiver_stage)
         return self.comm_latency + self.activation_bytes[boundary] / self.comm_bandwidth
 
+    def skip_transfer(self, source: int, target: int) -> float:
+        """Return the time to move the skips from stage ``source`` to stage ``target`` (or
+        their gradients back)."""
+        size = dict(self.skip_bytes).get((source, target), self.activation_bytes[source])
+        return self.comm_latency + size / self.comm_bandwidth
+
 
 def simulate(schedule: Schedule, costs: Costs) -> Timeline:
     """Predict the Timeline of one step of ``schedule`` with ``costs``.
@@ -136,10 +145,16 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
     for w, pos in schedule.order:
         action = schedule.actions[w][pos]
         ready = free_at[w]
+        near = action.stage - 1 if action.kind == "F" else action.stage + 1
         for dep in dependencies(action, schedule):
             arrive = finish[dep]
             if worker_of[dep.stage] != w:
-                arrive += costs.transfer(dep.stage, action.stage)
+                if dep.stage in (near, action.stage):
+                    arrive += costs.transfer(dep.stage, action.stage)
+                else:  # a skip, its own message (a skip to the next stage is costed as the
+                    # activation that travels beside it)
+                    pair = (min(dep.stage, action.stage), max(dep.stage, action.stage))
+                    arrive += costs.skip_transfer(*pair)
             ready = max(ready, arrive)
         end = ready + costs.duration(action)
         finish[action] = end

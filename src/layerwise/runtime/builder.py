@@ -8,6 +8,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from layerwise.runtime.stage import Stage
 from layerwise.runtime.ties import Tie
 from layerwise.runtime.transport import Transport, transport_class
 from layerwise.schedules import Schedule, generate, validate
+from layerwise.skips import Skip, find_skips
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 TiedSpec = tuple[int, str, int, str]  # (layer, parameter name, layer, parameter name)
@@ -83,7 +85,12 @@ def make_schedule(
 
 
 def fingerprint(
-    schedule: Schedule, num_layers: int, balance: Balance, p2p: str, tied: Sequence[TiedSpec]
+    schedule: Schedule,
+    num_layers: int,
+    balance: Balance,
+    p2p: str,
+    tied: Sequence[TiedSpec],
+    skips: Sequence[Skip] = (),
 ) -> dict[str, Any]:
     """What every worker of a pipeline must have built alike, by name."""
     return {
@@ -96,6 +103,7 @@ def fingerprint(
         "balance": balance if isinstance(balance, str) else list(balance),
         "transport": p2p,
         "tied parameters": [list(t) for t in tied],
+        "skip connections": [(k.name, k.source, k.target) for k in skips],
     }
 
 
@@ -146,6 +154,24 @@ def make_partition(
         dist.broadcast_object_list(sizes, src=first, group=group)
         part = Partition.from_sizes(sizes[0], len(specs))
     return part
+
+
+def route_skips(
+    skips: Sequence[Skip], schedule: Schedule, partition: Partition, stages: dict[int, Stage]
+) -> Schedule:
+    """Tell each stage which skips cross into and out of it; return the schedule with the
+    stage pairs those skips join (a skip inside one stage stays there)."""
+    pairs: dict[tuple[int, int], list[str]] = {}
+    for k in skips:
+        a, b = partition.stage_of(k.source), partition.stage_of(k.target)
+        if a != b:
+            pairs.setdefault((a, b), []).append(k.name)
+    for s, stage in stages.items():
+        stage.route_skips(
+            {a: tuple(sorted(n)) for (a, b), n in sorted(pairs.items()) if b == s},
+            {b: tuple(sorted(n)) for (a, b), n in sorted(pairs.items()) if a == s},
+        )
+    return dataclasses.replace(schedule, skips=tuple(sorted(pairs)))
 
 
 def build_stage(
@@ -283,15 +309,18 @@ def build(
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     worker, num_workers = group_position(group)
     tied = all_ties(specs, tied)
+    skips = find_skips(specs)
     sched = make_schedule(schedule, num_workers, microbatches, chunks)
     transport_cls = transport_class(p2p, group)  # bad p2p fails before anything is built
     if num_workers > 1:  # before any other collective, which would hang on a mismatch
-        agree(fingerprint(sched, len(specs), balance, transport_cls.name, tied), worker, group)
+        mine = fingerprint(sched, len(specs), balance, transport_cls.name, tied, skips)
+        agree(mine, worker, group)
     part = make_partition(specs, sched, balance, sample, group)
     stages = {
         s: build_stage(s, part, specs, seed, device, PRECISIONS[precision], parallelize)
         for s in sched.stages_of(worker)
     }
+    sched = route_skips(skips, sched, part, stages)
     transport = transport_cls.open(sched, worker, group, device, timeout)
     ties = setup_ties(tied, sched, part, stages, worker, group, transport.global_rank)
     return Built(sched, part, stages, ties, transport, group, worker, device)

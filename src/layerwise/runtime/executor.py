@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from layerwise.runtime import skip_flow
 from layerwise.runtime.builder import Built
 from layerwise.runtime.stage import output_grad_flags
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
@@ -247,10 +248,12 @@ class Executor:
         # to post now; a later one of its stream cannot have sent either, so order holds
         if a in st.posted or not (a.kind == "F" or (a.stage, a.microbatch) in st.sent):
             return True
+        # the neighbouring stage's message only (skips are received when needed)
+        near = a.stage - 1 if a.kind == "F" else a.stage + 1
         remote = [
             sched.stage_worker[d.stage]
             for d in dependencies(a, sched)
-            if d.stage != a.stage and sched.stage_worker[d.stage] != worker
+            if d.stage == near and sched.stage_worker[d.stage] != worker
         ]
         if not remote:
             return True
@@ -276,6 +279,9 @@ class Executor:
             x, needs = self.transport.complete(pending), pending.needs_grad
         else:
             x, needs = st.local.pop((s - 1, "F", mb))
+        key = run.message_key(st.plan[mb][1], mb)
+        if stage.pops_from:
+            x, needs = skip_flow.gather(self.built, sched, s, mb, x, needs, key, st)
         recompute = run.recomputes(mb)
         t0 = time.perf_counter()
         loss = None
@@ -293,6 +299,8 @@ class Executor:
         if loss is not None:
             st.losses[mb] = loss.detach()
         flags = output_grad_flags(out, recompute) if run.trains else None
+        if stage.stashes_to:
+            out, flags = skip_flow.send(self.built, sched, s, mb, out, flags, key, run.trains, st)
         if s == sched.num_stages - 1:
             if not run.trains:
                 st.outputs[mb] = out
@@ -300,7 +308,6 @@ class Executor:
             st.local[(s, "F", mb)] = (out, flags)
         else:
             peer = sched.stage_worker[s + 1]
-            key = run.message_key(st.plan[mb][1], mb)
             needs_back = flags or [False] * len(flatten(out)[0])
             sent = self.transport.send_activation(out, s, mb, peer, key, needs_back)
             if run.trains:
@@ -319,6 +326,8 @@ class Executor:
                 grads = self.transport.complete(st.posted.pop(a))
             else:
                 grads = st.local.pop((s + 1, "B", mb))
+        if stage.stashes_to:  # what it stashed gets its gradient from where it was popped
+            grads = list(grads or []) + skip_flow.output_grads(self.built, sched, s, mb, st)
         t0 = time.perf_counter()
         head = self._head(run, s, mb, st)  # a recomputed forward recomputes the loss too
         if a.kind == "B":
@@ -326,6 +335,8 @@ class Executor:
         else:
             in_grads = stage.input_grad_step(mb, grads, head)
         t1 = time.perf_counter()
+        if stage.pops_from:
+            in_grads = skip_flow.send_input_grads(self.built, sched, s, mb, in_grads, st)
         if s > 0:
             peer = sched.stage_worker[s - 1]
             if peer == self.built.worker:

@@ -8,6 +8,7 @@ stages, ties, transport) is :mod:`layerwise.runtime.builder`'s; running is the o
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -232,6 +233,8 @@ class Pipeline:
         (for example one searched for the costs :meth:`calibrate` measured). Collective:
         every worker must switch to the same schedule, which is checked."""
         old = self.built.schedule
+        if schedule.skips != old.skips:  # the skips come from the model, not the order
+            schedule = dataclasses.replace(schedule, skips=old.skips)
         validate(schedule)
         if schedule.stage_worker != old.stage_worker:
             raise ValueError(

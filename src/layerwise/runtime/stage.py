@@ -28,6 +28,7 @@ from torch.autograd import Variable
 from layerwise.profile import call_layer
 from layerwise.runtime.tree import flatten, map_tensors
 from layerwise.runtime.wcheck import shared_uses, split_problem, watch_parameter_uses
+from layerwise.skips import SkipError, SkipStore, declared, using
 
 LossHead = Callable[[Any], torch.Tensor]
 
@@ -129,6 +130,12 @@ class Stage(nn.Module):
         self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
         # whether I/W may split this stage's backward; None until a split forward is watched
         self.split_safe: bool | None = None
+        # skips that cross stages (set by the builder): earlier stage -> names popped here,
+        # later stage -> names stashed here. With pops the stage's input is (x, {stage:
+        # {name: tensor}}), with stashes its output is (y, {stage: {name: tensor}}).
+        self.pops_from: dict[int, tuple[str, ...]] = {}
+        self.stashes_to: dict[int, tuple[str, ...]] = {}
+        self.uses_skips = any(any(declared(layer)) for layer in layers)
         for module in self.modules():
             if any(True for _ in module.parameters(recurse=False)):
                 module.register_forward_hook(self._capture_hook)
@@ -143,19 +150,57 @@ class Stage(nn.Module):
         last = self.first_layer + len(self.layers) - 1
         return f"stage {self.index} (layers {self.first_layer}-{last})"
 
+    def route_skips(
+        self, pops_from: dict[int, tuple[str, ...]], stashes_to: dict[int, tuple[str, ...]]
+    ) -> None:
+        """Say which skips reach this stage from earlier ones and leave it for later ones."""
+        self.pops_from, self.stashes_to = dict(pops_from), dict(stashes_to)
+        self.uses_skips = self.uses_skips or bool(pops_from or stashes_to)
+
     def run(self, value: Any) -> Any:
         """Apply the stage's layers in order (no stashing): used by inference and recompute.
 
         If a layer raises, ``failed_layer`` keeps its global index for the failure report."""
         self.failed_layer = None
-        with self.autocast():
+        store = None
+        if self.uses_skips:  # a store of its own: skips inside the stage meet here
+            given: dict[str, torch.Tensor] = {}
+            if self.pops_from:
+                value, by_stage = value
+                given = {n: t for names in by_stage.values() for n, t in names.items()}
+            store = SkipStore(given)
+        with self.autocast(), using(store) if store is not None else contextlib.nullcontext():
             for i, layer in enumerate(self.layers):
                 try:
                     value = call_layer(layer, value)
                 except Exception:
                     self.failed_layer = self.first_layer + i
                     raise
-        return value
+        return value if store is None else self._with_stashes(value, store)
+
+    def _with_stashes(self, value: Any, store: SkipStore) -> Any:
+        """The stage's output, with what it stashed for later stages; check nothing strays."""
+        if store.given:
+            raise SkipError(f"{self.describe()}: no layer popped {sorted(store.given)}, which "
+                            f"earlier stages stashed for it")  # fmt: skip
+        wanted = [n for names in self.stashes_to.values() for n in names]
+        if sorted(store.stashed) != sorted(wanted):
+            missing = sorted(set(wanted) - set(store.stashed))
+            extra = sorted(set(store.stashed) - set(wanted))
+            raise SkipError(
+                f"{self.describe()}: its layers stashed {sorted(store.stashed)} but declared "
+                f"{sorted(wanted)} for later stages"
+                + (f" (never stashed: {missing})" if missing else "")
+                + (f" (stashed without a declaration or a pop: {extra})" if extra else "")
+                + "; declare what each layer stashes and pops (lw.skippable)"
+            )
+        if not self.stashes_to:
+            return value
+        # views: the output itself may be stashed, and freeing it once sent must not free
+        # the copy that waits on this worker for a later stage
+        out = {c: {n: store.stashed[n].view_as(store.stashed[n]) for n in names}
+               for c, names in self.stashes_to.items()}  # fmt: skip
+        return value, out
 
     def autocast(self) -> Any:
         """Return the mixed-precision context of this stage's forward (a no-op in fp32)."""

@@ -53,6 +53,17 @@ class Step:
     local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
     posted: dict[Action, PendingRecv] = field(default_factory=dict)  # receives already posted
     sent: dict[tuple[int, int], list[TensorMeta]] = field(default_factory=dict)  # grads to expect
+    # skips between stages, keyed (stashing stage, popping stage, micro-batch): what waits on
+    # this worker for a later stage, the gradients that wait for an earlier one, and the
+    # sent tensors whose gradient will come back
+    skip_local: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    skip_grads: dict[tuple[int, int, int], list[torch.Tensor]] = field(default_factory=dict)
+    skip_sent: dict[tuple[int, int, int], list[TensorMeta]] = field(default_factory=dict)
+    # (popping stage, micro-batch) -> how its input gradients split: the count for the
+    # previous stage, then (stashing stage, count) for each skip source
+    skip_split: dict[tuple[int, int], tuple[int, list[tuple[int, int]]]] = field(
+        default_factory=dict
+    )
 
 
 class StageError(RuntimeError):

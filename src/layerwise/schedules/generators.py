@@ -162,7 +162,9 @@ def sequential(like: Schedule) -> Schedule:
     for s in reversed(order):
         if s in split:
             rows[like.stage_worker[s]].append(Action(s, "W", 0))
-    schedule = Schedule("sequential", 1, like.stage_worker, tuple(tuple(r) for r in rows))
+    schedule = Schedule(
+        "sequential", 1, like.stage_worker, tuple(tuple(r) for r in rows), like.skips
+    )
     validate(schedule)
     return schedule
 
@@ -172,7 +174,9 @@ def forward_only(like: Schedule) -> Schedule:
     evaluation run (``Pipeline.forward``). Not a training schedule, so not validated as one:
     it has no backward by design."""
     actions = tuple(tuple(a for a in acts if a.kind == "F") for acts in like.actions)
-    return Schedule(f"{like.name} forward", like.num_microbatches, like.stage_worker, actions)
+    return Schedule(
+        f"{like.name} forward", like.num_microbatches, like.stage_worker, actions, like.skips
+    )
 
 
 register(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Kind = Literal["F", "B", "I", "W"]
 KINDS: tuple[Kind, ...] = ("F", "B", "I", "W")
@@ -36,9 +36,12 @@ class ScheduleError(ValueError):
         return ScheduleError(f"{where}: {rule}")
 
 
-@dataclass(frozen=True, order=True)
-class Action:
-    """One unit of work: ``kind`` of micro-batch ``microbatch`` through stage ``stage``."""
+class Action(NamedTuple):
+    """One unit of work: ``kind`` of micro-batch ``microbatch`` through stage ``stage``.
+
+    A named tuple rather than a dataclass: schedules of thousands of actions are validated
+    and simulated by the planner, and tuples hash and compare in C (the search ran twice as
+    long with a frozen dataclass)."""
 
     stage: int
     kind: Kind
@@ -71,6 +74,9 @@ class Schedule:
     num_microbatches: int
     stage_worker: tuple[int, ...]  # stage index -> worker index
     actions: tuple[tuple[Action, ...], ...]  # worker index -> its actions in order
+    # (stage that stashes, later stage that pops): skip connections that cross stages
+    # (layerwise.skips); each is one more message per micro-batch each way, sent directly
+    skips: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_workers(self) -> int:
@@ -106,15 +112,32 @@ class Schedule:
     def messages(self) -> int:
         """Point-to-point messages in one step: an activation for every forward whose next
         stage is on another worker, and a gradient for every backward (B or I) whose
-        previous stage is. (A message of several tensors counts once.)"""
+        previous stage is; and both ways for every skip between stages on different workers.
+        (A message of several tensors counts once.)"""
         sw, last = self.stage_worker, self.num_stages - 1
-        count = 0
+        count = 2 * self.num_microbatches * sum(sw[a] != sw[b] for a, b in self.skips)
         for acts in self.actions:
             for a in acts:
                 forward = a.kind == "F" and a.stage < last and sw[a.stage + 1] != sw[a.stage]
                 back = a.kind in ("B", "I") and a.stage > 0 and sw[a.stage - 1] != sw[a.stage]
                 count += forward or back
         return count
+
+    @cached_property
+    def skip_sources(self) -> dict[int, tuple[int, ...]]:
+        """Stage -> the earlier stages whose skips it pops (skips only)."""
+        found: dict[int, tuple[int, ...]] = {}
+        for a, b in self.skips:
+            found[b] = (*found.get(b, ()), a)
+        return found
+
+    @cached_property
+    def skip_targets(self) -> dict[int, tuple[int, ...]]:
+        """Stage -> the later stages that pop what it stashes (skips only)."""
+        found: dict[int, tuple[int, ...]] = {}
+        for a, b in self.skips:
+            found[a] = (*found.get(a, ()), b)
+        return found
 
     def splits_backward(self, stage: int) -> bool:
         """Return True if ``stage`` runs its backward as I then W rather than one B."""

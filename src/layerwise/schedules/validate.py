@@ -14,17 +14,25 @@ def dependencies(action: Action, schedule: Schedule) -> list[Action]:
     """Return the actions that must finish before ``action`` can start.
 
     F(s, m) needs F(s-1, m); B or I of (s, m) need F(s, m) and the input gradient of
-    (s+1, m) (its B or I); W(s, m) needs I(s, m).
+    (s+1, m) (its B or I); W(s, m) needs I(s, m). A skip from stage a to stage b adds
+    F(a, m) to F(b, m)'s needs and the input gradient of (b, m) to (a, m)'s backward. The
+    adjacent dependency always comes first.
     """
     s, m = action.stage, action.microbatch
     if action.kind == "F":
-        return [Action(s - 1, "F", m)] if s > 0 else []
+        deps = [Action(s - 1, "F", m)] if s > 0 else []
+        if schedule.skips:
+            deps += [Action(a, "F", m) for a in schedule.skip_sources.get(s, ())]
+        return deps
     if action.kind == "W":
         return [Action(s, "I", m)]
     deps = [Action(s, "F", m)]
-    if s + 1 < schedule.num_stages:
-        grad_kind: Kind = "I" if schedule.splits_backward(s + 1) else "B"
-        deps.append(Action(s + 1, grad_kind, m))
+    later = [s + 1] if s + 1 < schedule.num_stages else []
+    if schedule.skips:
+        later += schedule.skip_targets.get(s, ())
+    for b in later:
+        grad_kind: Kind = "I" if schedule.splits_backward(b) else "B"
+        deps.append(Action(b, grad_kind, m))
     return deps
 
 
@@ -155,6 +163,12 @@ def validate(schedule: Schedule) -> None:
     holds it; F(s, m) after F(s-1, m); B(s, m) after B(s+1, m) and F(s, m); W after its I.
     """
     _check_placement(schedule)
+    for a, b in schedule.skips:
+        if not 0 <= a < b < schedule.num_stages:
+            raise ScheduleError(
+                f"skip ({a}, {b}) must go from a stage to a later one of the "
+                f"{schedule.num_stages} stages"
+            )
     _check_complete(schedule, _index_actions(schedule))
     _ = schedule.order
 

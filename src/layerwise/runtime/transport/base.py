@@ -93,7 +93,7 @@ class Transport:
         group: dist.ProcessGroup | None,
         device: torch.device,
         timeout_s: float,
-        num_stages: int,
+        num_streams: int,
         on_wait: Callable[[float, float], None] | None = None,
     ) -> None:
         self.worker = worker
@@ -101,7 +101,9 @@ class Transport:
         self.group = group
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
-        self.num_stages = num_stages
+        # a stream is what one stage sends to its neighbour (numbered by the stage), or one
+        # skip between two stages (numbered after the stages: num_stages + its index)
+        self.num_streams = num_streams
         self.on_wait = on_wait
         # (stage, key) -> (structure, tensors, which need a gradient)
         self.meta_cache: dict[tuple[int, Any], tuple[Any, list[TensorMeta], list[bool]]] = {}
@@ -131,7 +133,7 @@ class Transport:
             raise ValueError(f"the {cls.name} transport cannot carry this schedule: "
                              + "; ".join(problems))  # fmt: skip
         return cls(worker, schedule.num_workers, group, device, timeout_s,
-                   schedule.num_stages, on_wait)  # fmt: skip
+                   schedule.num_stages + len(schedule.skips), on_wait)  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -339,22 +341,22 @@ class Transport:
         return (stage, signature) in self.meta_cache
 
     def post_activation(
-        self, stage: int, microbatch: int, peer: int, signature: Any
+        self, stage: int, microbatch: int, peer: int, signature: Any, what: str = ""
     ) -> PendingRecv:
         """Post receives for stage ``stage``'s output for ``microbatch`` (sent by ``peer``)."""
         spec, metas, needs = self._recv_meta(stage, microbatch, peer, signature)
         buffers = [self._buffer(m) for m in metas]
         works = [self._irecv(b, peer, stage, ACT, microbatch, i) for i, b in enumerate(buffers)]
-        what = f"stage {stage}'s output for micro-batch {microbatch}"
+        what = f"{what or f'stage {stage} output'} for micro-batch {microbatch}"
         return PendingRecv(works, buffers, spec, peer, what, needs)
 
     def post_gradient(
-        self, like: list[TensorMeta], stage: int, microbatch: int, peer: int
+        self, like: list[TensorMeta], stage: int, microbatch: int, peer: int, what: str = ""
     ) -> PendingRecv:
         """Post receives for the gradients of ``like`` (outputs of ``stage - 1``) from ``peer``."""
         buffers = [self._buffer(m) for m in like]
         works = [self._irecv(b, peer, stage, GRAD, microbatch, i) for i, b in enumerate(buffers)]
-        what = f"stage {stage}'s input gradient for micro-batch {microbatch}"
+        what = f"{what or f'stage {stage} input gradient'} for micro-batch {microbatch}"
         return PendingRecv(works, buffers, None, peer, what)
 
     def complete(self, pending: PendingRecv) -> Any:

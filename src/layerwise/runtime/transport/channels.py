@@ -13,7 +13,10 @@ from layerwise.schedules import Schedule, stream_order_problems
 
 
 def open_channels(
-    stage_worker: Sequence[int], worker: int, pipeline_ranks: Sequence[int]
+    stage_worker: Sequence[int],
+    worker: int,
+    pipeline_ranks: Sequence[int],
+    skips: Sequence[tuple[int, int]] = (),
 ) -> dict[tuple[int, int], dist.ProcessGroup]:
     """Give each stream of messages (one stage boundary, one direction) its own process group.
 
@@ -27,19 +30,23 @@ def open_channels(
     its pipeline, as when all ranks build their pipelines together. Two-rank groups for the
     same pair of ranks cannot be created by their members alone (PyTorch names such groups by
     their ranks), so every rank creates every pipeline's groups, in one agreed order.
+    A skip between two stages (``skips``) is a stream both ways, numbered after the stages.
     """
-    mine = (tuple(pipeline_ranks), tuple(stage_worker))
+    mine = (tuple(pipeline_ranks), tuple(stage_worker), tuple(map(tuple, skips)))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     channels: dict[tuple[int, int], dist.ProcessGroup] = {}
-    for ranks, workers in sorted(set(everyone)):
-        for s in range(len(workers) - 1):
-            a, b = workers[s], workers[s + 1]
+    for ranks, workers, joins in sorted(set(everyone)):
+        streams = [(s, s + 1, (s, ACT), (s + 1, GRAD)) for s in range(len(workers) - 1)]
+        n = len(workers)
+        streams += [(a, b, (n + k, ACT), (n + k, GRAD)) for k, (a, b) in enumerate(joins)]
+        for sa, sb, *keys in streams:
+            a, b = workers[sa], workers[sb]
             if a == b:
                 continue
-            for key in ((s, ACT), (s + 1, GRAD)):  # keyed by the sending stage
+            for key in keys:  # keyed by the sending stage (or skip stream)
                 group = dist.new_group(sorted({ranks[a], ranks[b]}))
-                if (ranks, workers) == mine and worker in (a, b):
+                if (ranks, workers, joins) == mine and worker in (a, b):
                     assert group is not None
                     channels[key] = group
     return channels
@@ -81,7 +88,7 @@ class ChannelTransport(Transport):
         assert isinstance(transport, ChannelTransport)
         if schedule.num_workers > 1:
             ranks = [transport.global_rank(w) for w in range(schedule.num_workers)]
-            transport.channels = open_channels(schedule.stage_worker, worker, ranks)
+            transport.channels = open_channels(schedule.stage_worker, worker, ranks, schedule.skips)
         return transport
 
     def _tag(self, stage: int, kind: int, microbatch: int, index: int = 0) -> int:

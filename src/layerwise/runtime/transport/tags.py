@@ -15,4 +15,4 @@ class TagTransport(Transport):
     def _tag(self, stage: int, kind: int, microbatch: int, index: int = 0) -> int:
         if index >= MAX_TENSORS:
             raise ValueError(f"a stage may pass at most {MAX_TENSORS} tensors to the next one")
-        return ((microbatch * self.num_stages + stage) * 3 + kind) * MAX_TENSORS + index
+        return ((microbatch * self.num_streams + stage) * 3 + kind) * MAX_TENSORS + index
