@@ -62,6 +62,16 @@ def shared_layers() -> list[nn.Module]:
     return layers
 
 
+def shared_thrice_layers() -> list[nn.Module]:
+    """One weight in layers 0, 3 and 7 (on 4 workers: three workers hold a copy, two layers
+    share one on worker 0 at 2 workers), and one bias in layers 2 and 6."""
+    torch.manual_seed(6)
+    layers = [nn.Linear(D, D) for _ in range(8)]
+    layers[3].weight = layers[7].weight = layers[0].weight
+    layers[6].bias = layers[2].bias
+    return layers
+
+
 def _count_gradient_sends(pipe: lw.Pipeline) -> list[int]:
     """Return a list that gets the number of tensors of every gradient message sent."""
     sent: list[int] = []
@@ -125,4 +135,16 @@ def safety_cases(rank: int, world: int, reference: Any, compare: Any) -> dict[st
         if len(got) != 1 or got[0][1] != pipe.is_first:
             errors.append(f"ties {got}, expected one for {expected}")
     results["shared parameter across workers"] = errors
+    ref_loss, ref_grads = reference(shared_thrice_layers(), x, y, nn.functional.mse_loss)
+    for schedule in ("1f1b", "zb-h1"):
+        pipe = lw.Pipeline(shared_thrice_layers(), schedule=schedule, microbatches=2,
+                           balance=[8 // world] * world,
+                           loss_fn=nn.functional.mse_loss)  # fmt: skip
+        loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+        errors = compare(pipe, loss, ref_loss, ref_grads)
+        holders = [0, 1] if world == 2 else [0, 1, 3]
+        for tie in pipe.built.ties:
+            if tie.param.shape == (D, D) and tie.ranks != holders:
+                errors.append(f"weight held by ranks {tie.ranks}, expected {holders}")
+        results[f"parameter shared by three layers {schedule}"] = errors
     return results

@@ -213,8 +213,9 @@ def test_side_floats_get_no_gradient_and_shared_parameters_are_tied(
     equivalence: tuple[int, list[dict]],
 ) -> None:
     _, results = equivalence
-    cases = [k for k in results[0] if k.startswith(("float side input", "shared parameter"))]
-    assert len(cases) == 4
+    prefixes = ("float side input", "shared parameter", "parameter shared by three")
+    cases = [k for k in results[0] if k.startswith(prefixes)]
+    assert len(cases) == 6
     for rank, res in enumerate(results):
         for case in cases:
             assert res[case] == [], f"worker {rank}, {case}: {res[case]}"

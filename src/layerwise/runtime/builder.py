@@ -220,6 +220,26 @@ def _set_param(module: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(owner, attr, param)
 
 
+def tie_groups(tied: Sequence[TiedSpec]) -> list[list[tuple[int, str]]]:
+    """Join the tied pairs into groups of (layer, parameter name) that are all one parameter
+    (pairs (a, b) and (b, c) make one group of three), each sorted, in order of first layer."""
+    parent: dict[tuple[int, str], tuple[int, str]] = {}
+
+    def root(x: tuple[int, str]) -> tuple[int, str]:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for a, na, b, nb in tied:
+        ra, rb = root((a, na)), root((b, nb))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[tuple[int, str], list[tuple[int, str]]] = {}
+    for member in parent:
+        groups.setdefault(root(member), []).append(member)
+    return [sorted(g) for _, g in sorted(groups.items())]
+
+
 def setup_ties(
     tied: Sequence[TiedSpec],
     schedule: Schedule,
@@ -229,27 +249,27 @@ def setup_ties(
     group: dist.ProcessGroup | None,
     global_rank: Callable[[int], int],
 ) -> list[Tie]:
-    """Share tied parameters: one object when both layers live here, else a Tie with the
-    peer worker. Ties talk point to point inside the pipeline group, so no extra process
-    group is needed and pipelines inside a larger mesh stay independent."""
+    """Share tied parameters: one object for the copies on this worker, and a Tie with the
+    other workers that hold copies. Ties talk point to point inside the pipeline group, so no
+    extra process group is needed and pipelines inside a larger mesh stay independent."""
     ties = []
-    for layer_a, name_a, layer_b, name_b in tied:
-        wa, wb = (schedule.stage_worker[partition.stage_of(x)] for x in (layer_a, layer_b))
-        pa = _param(stages, partition, layer_a, name_a)
-        pb = _param(stages, partition, layer_b, name_b)
-        if wa == wb:
-            if pa is not None and pb is not None:  # one Parameter object serves both layers
-                module_b = _layer(stages, partition, layer_b)
-                assert module_b is not None
-                _set_param(module_b, name_b, pa)
+    for index, members in enumerate(tie_groups(tied)):
+        holders = sorted({schedule.stage_worker[partition.stage_of(layer)] for layer, _ in members})
+        mine = [(layer, name) for layer, name in members
+                if _layer(stages, partition, layer) is not None]  # fmt: skip
+        if not mine:
             continue
-        mine = pa if pa is not None else pb
-        if mine is None:
-            continue
-        peer = wb if worker == wa else wa
-        tie = Tie(mine, global_rank(peer), leader=worker == min(wa, wb))
-        tie.sync_values(group)
-        ties.append(tie)
+        param = _param(stages, partition, *mine[0])
+        assert param is not None
+        for layer, name in mine[1:]:  # one Parameter object serves every layer here
+            module = _layer(stages, partition, layer)
+            assert module is not None
+            _set_param(module, name, param)
+        if len(holders) > 1:
+            ranks = [global_rank(w) for w in holders]
+            tie = Tie(param, ranks, global_rank(worker), index)
+            tie.sync_values(group)
+            ties.append(tie)
     return ties
 
 
