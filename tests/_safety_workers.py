@@ -148,3 +148,51 @@ def safety_cases(rank: int, world: int, reference: Any, compare: Any) -> dict[st
                 errors.append(f"weight held by ranks {tie.ranks}, expected {holders}")
         results[f"parameter shared by three layers {schedule}"] = errors
     return results
+
+
+def length_cases(rank: int, world: int, reference: Any, compare: Any) -> dict[str, Any]:
+    """Lengths that take turns, then a dozen lengths: exact every step; the plan broadcast
+    and the metadata of a length are sent once while it is remembered; receive buffers are
+    made once per length; the metadata cache stays bounded."""
+    import torch.distributed as dist
+
+    from _workers import mlp_layers
+    from layerwise.runtime.shapes import PLANS_KEPT
+    from layerwise.runtime.transport.base import META
+
+    pipe = lw.Pipeline(mlp_layers(), schedule="1f1b", microbatches=2,
+                       loss_fn=nn.functional.mse_loss)  # fmt: skip
+    counts = {"metadata": 0, "broadcasts": 0}
+    isend, broadcast = pipe.transport._isend, dist.broadcast_object_list
+
+    def spy_send(t: torch.Tensor, peer: int, stream: int, kind: int, *rest: Any) -> Any:
+        counts["metadata"] += kind == META
+        return isend(t, peer, stream, kind, *rest)
+
+    def spy_broadcast(*args: Any, **kwargs: Any) -> Any:
+        counts["broadcasts"] += 1
+        return broadcast(*args, **kwargs)
+
+    pipe.transport._isend = spy_send  # type: ignore[method-assign]
+    dist.broadcast_object_list = spy_broadcast
+    errors, per_step = [], []
+    try:
+        for step, length in enumerate([6, 10, 6, 10, 6, 10, *range(3, 15)]):
+            x, y = torch.randn(4, length, D), torch.randn(4, length, D)
+            ref_loss, ref_grads = reference(mlp_layers(), x, y, nn.functional.mse_loss)
+            pipe.zero_grad()
+            loss = pipe.train_step(x if pipe.is_first else None, y if pipe.is_last else None)
+            errors += [f"step {step}: {e}" for e in compare(pipe, loss, ref_loss, ref_grads)]
+            pool = pipe.transport.pool
+            per_step.append((counts["metadata"], counts["broadcasts"],
+                             pool.allocations if pool is not None else 0))  # fmt: skip
+    finally:
+        dist.broadcast_object_list = broadcast
+    history = pipe.executor.plans
+    cached = {key[1][0] for key in pipe.transport.meta_cache}
+    return {
+        "lengths exact": errors,
+        "lengths per step": per_step,
+        "lengths remembered": len(history.plans) <= PLANS_KEPT and cached <= history.signatures(),
+        "lengths cached": len(cached),
+    }

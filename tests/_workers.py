@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import layerwise as lw
-from _safety_workers import safety_cases
+from _safety_workers import length_cases, safety_cases
 from layerwise.models.gpt import GPTConfig, build_gpt, gpt_layers, loss_fn, tied_parameter_names
 
 D = 8
@@ -211,6 +211,8 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     results["channels groups"] = len(pipe.transport.channels)
     results["calibrate"] = calibrate_cases(world, x, y)
     results.update(safety_cases(rank, world, reference, compare))
+    if world == 2:
+        results.update(length_cases(rank, world, reference, compare))
     return results
 
 

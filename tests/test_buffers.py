@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.runtime.buffers import BufferPool, pool_supported
+from layerwise.runtime.buffers import STEPS_KEPT, BufferPool, pool_supported
 from layerwise.runtime.stage import Stage
 from layerwise.runtime.tree import TensorMeta
 
@@ -76,17 +76,21 @@ def test_a_stashed_stage_input_is_not_reused_before_its_backward() -> None:
     assert pool.take(META).untyped_storage().data_ptr() == ptr
 
 
-def test_end_step_drops_shapes_that_were_not_used() -> None:
+def test_lengths_taking_turns_keep_their_buffers_and_gone_ones_are_dropped() -> None:
     pool = BufferPool()
     other = TensorMeta((2, 2), torch.float64)
-    del_me = pool.take(other)
-    del del_me
-    pool.end_step()
-    assert pool.held_bytes() == 2 * 2 * 8  # asked for during the step just ended: kept
-    kept = pool.take(META)
-    del kept
-    pool.end_step()  # (2, 2) was not asked for this time: dropped
+    for step in range(6):  # two shapes in turn: each made once, then reused
+        taken = pool.take(META if step % 2 else other)
+        del taken
+        pool.end_step()
+    assert pool.allocations == 2
+    assert pool.held_bytes() == 2 * 2 * 8 + 4 * 8 * 4
+    for _ in range(STEPS_KEPT):  # (2, 2) no longer asked for: dropped after STEPS_KEPT steps
+        kept = pool.take(META)
+        del kept
+        pool.end_step()
     assert pool.held_bytes() == 4 * 8 * 4
+    assert pool.allocations == 2
 
 
 def test_first_stage_inputs_get_no_gradient() -> None:

@@ -292,3 +292,23 @@ def test_loss_reduction_weighs_micro_batches_by_tokens() -> None:
         torch.testing.assert_close(weight.grad, layer.weight.grad)
     with pytest.raises(ValueError, match="loss_reduction must be one of"):
         lw.Pipeline([nn.Linear(2, 2)], loss_reduction="samples")
+
+
+@pytest.mark.timeout(300)
+def test_lengths_taking_turns_cost_nothing_after_their_first_step(
+    equivalence: tuple[int, list[dict]],
+) -> None:
+    world, results = equivalence
+    if world != 2:
+        pytest.skip("run on two workers only")
+    for rank, res in enumerate(results):
+        assert res["lengths exact"] == [], f"worker {rank}: {res['lengths exact']}"
+        steps = res["lengths per step"]
+        # lengths 6 and 10 in turn: plan, metadata and receive buffers once for each
+        assert steps[1] == steps[5], steps[:6]
+        assert steps[1][1] == 2  # one plan broadcast per length
+        # then 3..14: the twelve are new except 6 and 10, which are still remembered
+        assert steps[-1][1] == 2 + 10
+        assert res["lengths remembered"] and res["lengths cached"] <= 8
+    metadata = [n for n, _, _ in results[0]["lengths per step"]]
+    assert metadata[1] > 0 and metadata[5] == metadata[1]  # the first worker sends it once

@@ -18,6 +18,7 @@ import torch
 from layerwise.runtime.tree import TensorMeta
 
 Key = tuple[tuple[int, ...], torch.dtype]
+STEPS_KEPT = 4  # free buffers of a shape no step asked for in this many steps are dropped
 
 
 def _storage_users(t: torch.Tensor) -> int:
@@ -38,7 +39,9 @@ class BufferPool:
     def __init__(self) -> None:
         self._free: dict[Key, list[torch.Tensor]] = defaultdict(list)
         self._lent: list[tuple[Key, torch.Tensor]] = []
-        self._wanted: set[Key] = set()
+        self._used: dict[Key, int] = {}  # shape -> the last step that asked for it
+        self.steps = 0
+        self.allocations = 0  # buffers made, not reused: steady training makes none
 
     def take(self, meta: TensorMeta) -> torch.Tensor:
         """Return a CPU tensor of ``meta``'s shape and dtype (contents undefined).
@@ -46,11 +49,15 @@ class BufferPool:
         The caller gets an alias: the pool keeps the tensor it allocated, so the memory's
         user count tells when every alias, view and autograd save has gone."""
         key = (meta.shape, meta.dtype)
-        self._wanted.add(key)
+        self._used[key] = self.steps
         if not self._free[key]:
             self.reclaim()  # only when needed: a steady pipeline rarely gets here
         free = self._free[key]
-        buf = free.pop() if free else meta.empty(torch.device("cpu"))
+        if free:
+            buf = free.pop()
+        else:
+            buf = meta.empty(torch.device("cpu"))
+            self.allocations += 1
         self._lent.append((key, buf))
         return buf.detach()
 
@@ -66,12 +73,14 @@ class BufferPool:
         self._lent = still
 
     def end_step(self) -> None:
-        """Reclaim, and drop free buffers of shapes not asked for since the last ``end_step``,
-        so that a change of shapes (evaluation at another length) does not keep the old ones."""
+        """Reclaim, and drop free buffers of shapes no step asked for in the last
+        ``STEPS_KEPT``: lengths that take turns keep theirs, and a length that is gone (an
+        evaluation at another length) does not keep its memory."""
         self.reclaim()
-        for key in [k for k in self._free if k not in self._wanted]:
+        for key in [k for k in self._free if self.steps - self._used.get(k, -1) >= STEPS_KEPT]:
             del self._free[key]
-        self._wanted = set()
+            self._used.pop(key, None)
+        self.steps += 1
 
     def held_bytes(self) -> int:
         """Bytes of free buffers waiting to be reused."""

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from layerwise.runtime import skip_flow
 from layerwise.runtime.builder import Built
+from layerwise.runtime.shapes import PlanHistory
 from layerwise.runtime.stage import output_grad_flags
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
 from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
@@ -96,7 +97,7 @@ class Executor:
         self.transport.on_wait = self._record_wait
         self.events: list[Event] = []
         self.last_schedule: Schedule = built.schedule
-        self._last_plan: list[Any] | None = None  # the micro-batches' shapes of the last run
+        self.plans = PlanHistory()  # the micro-batches' shapes of the last few runs
         self.closed = False
 
     # -- who holds what -----------------------------------------------------------------------
@@ -188,27 +189,27 @@ class Executor:
     def _share_plan(self, sched: Schedule, micro_batches: list[Any]) -> list[Any]:
         """Tell every worker the shape signature of each micro-batch (first worker knows).
 
-        Shapes rarely change between steps, so the first worker sends one number saying
-        whether they did (point to point: it does not wait for the others to receive it) and
-        broadcasts the pickled plan only when they did."""
+        The first worker sends one number (point to point: it does not wait for the others
+        to receive it): which of the last few steps had these shapes, or that none did, and
+        then it broadcasts the pickled plan (:mod:`layerwise.runtime.shapes`)."""
         plan: list[Any] | None = None
         if self.holds_first(sched):
             plan = [(flatten(mb)[0][0].shape[0], signature(mb)) for mb in micro_batches]
         if sched.num_workers > 1:
             first = sched.stage_worker[0]
-            changed = self.transport.share_number(
-                float(plan != self._last_plan), first, PLAN_TAG, "the step's shapes"
-            )
-            if changed:
+            code = self.plans.code(plan) if plan is not None else 0
+            code = int(self.transport.share_number(code, first, PLAN_TAG, "the step's shapes"))
+            if code == -1:
                 box = [plan]
                 dist.broadcast_object_list(
                     box, src=self.built.global_rank(first), group=self.built.group
                 )
                 plan = box[0]
             else:
-                plan = self._last_plan
+                plan = self.plans.lookup(code)
         assert plan is not None
-        self._last_plan = plan
+        if self.plans.use(plan):  # on every worker at once: both ends forget alike
+            self.transport.forget_shapes(self.plans.signatures())
         return plan
 
     def from_last(self, sched: Schedule, number: float, tag: int, what: str) -> float:

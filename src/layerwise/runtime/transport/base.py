@@ -316,6 +316,14 @@ class Transport:
     def _buffer(self, meta: TensorMeta) -> torch.Tensor:
         return self.pool.take(meta) if self.pool is not None else meta.empty(self.device)
 
+    def forget_shapes(self, keep: set[Any]) -> None:
+        """Drop the metadata of every message whose micro-batch shapes are not in ``keep``.
+
+        Called at the start of a step on every worker at once (see
+        :mod:`layerwise.runtime.shapes`), when no message is in flight, so the two ends of
+        every stream forget the same entries."""
+        self.meta_cache = {k: v for k, v in self.meta_cache.items() if k[1][0] in keep}
+
     def end_step(self) -> None:
         """At the end of a step: take back the receive buffers nothing uses any more, and
         forget those of shapes the step did not use (the pool takes buffers back by itself
