@@ -56,7 +56,7 @@ from layerwise.job.launcher import run_workers
 from layerwise.models.hf import builtin_config, hf_family
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3")
-ERROR_CHARS = 200
+ERROR_CHARS = 400
 
 # >>> user code: layerwise
 
@@ -139,8 +139,18 @@ def batch(step: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def describe(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"[:ERROR_CHARS].replace("|", "/")
+    """The error's first line, and that of its innermost cause (torch wraps a stage's error
+    in one whose first line says only which stage failed)."""
+
+    def first(x: BaseException) -> str:
+        lines = [ln.strip() for ln in str(x).strip().splitlines() if ln.strip()]
+        return f"{type(x).__name__}: {lines[0] if lines else ''}"
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = first(e) if root is e else f"{first(e)} (cause: {first(root)})"
+    return text[:ERROR_CHARS].replace("|", "/")
 
 
 def agreed(mine: Any) -> list[Any]:
@@ -194,6 +204,17 @@ def tie_gap(mine: torch.Tensor | None) -> float | None:
     return float((held[0] - held[-1]).abs().max()) if len(held) == 2 else None
 
 
+def bare_trace(model: nn.Module, kind: str, a: argparse.Namespace) -> str:
+    """Whether torch's tracer takes the Hugging Face model itself, with no wrapper."""
+    ids_mb = batch(0, a.rows // a.microbatches, a.length)[0]
+    cut = cut_name(kind).removeprefix("model.")
+    try:
+        pipeline(copy.deepcopy(model), mb_args=(ids_mb,), split_spec={cut: SplitPoint.BEGINNING})
+    except Exception as e:
+        return f"no: {describe(e)}"
+    return "yes"
+
+
 class Side:
     """One library's pipeline of one family on this rank, and what was seen of it."""
 
@@ -223,6 +244,7 @@ def run_family(
     model = transformers.AutoModelForCausalLM.from_config(family_config(kind))
     ref = reference(model, a)
     ours, theirs = Side("layerwise"), Side("torch")
+    bare = bare_trace(model, kind, a) if rank == 0 else None
     st: dict[str, Any] = {}
 
     def build_ours() -> None:
@@ -271,6 +293,7 @@ def run_family(
                 side.losses.append(loss[-1])
     result: dict[str, Any] = {"family": kind, "cut": cut_name(kind), "ref_losses": ref["losses"]}
     result["layerwise_layers"] = st.get("ranges")  # pipeline layers per stage
+    result["torch_bare_model"] = bare
     for side in (ours, theirs):
         gaps = [abs(x - y) for x, y in zip(side.losses, ref["losses"], strict=False)]
         result[side.name] = {
@@ -344,10 +367,18 @@ def worker(rank: int, world: int, families: list[str], a: argparse.Namespace) ->
     return results
 
 
+def cause(error: str) -> str:
+    """Of every rank's error, those that are not timeouts (a rank waiting on the one that
+    failed only times out), for the table; the JSON keeps all."""
+    found = error.split("; rank ")
+    real = [f for f in found if "Timed out" not in f and "timed out" not in f]
+    return "; rank ".join(real or found).removeprefix("rank 0: ").removeprefix("rank 1: ")
+
+
 def cells(r: dict[str, Any], side: str, lines: int) -> list[Any]:
     s = r[side]
     if s["error"]:
-        return [r["family"], side, f"no: {s['error']}", lines, *["-"] * 6]
+        return [r["family"], side, f"no: {cause(s['error'])}", lines, *["-"] * 6]
     tie = s.get("tie_gap")
     ties = (
         "n/a (untied)" if "tie_gap" not in s else "yes" if tie == 0 else f"no (max gap {tie:.1e})"
@@ -356,7 +387,7 @@ def cells(r: dict[str, Any], side: str, lines: int) -> list[Any]:
     two = (
         f"yes (loss diff {second['loss_diff']:.1e})"
         if second["error"] is None
-        else f"no: {second['error']}"
+        else f"no: {cause(second['error'])}"
     )
     speed = s.get("tokens_per_s")
     ratio = "-"
@@ -387,7 +418,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timed-steps", type=int, default=7)
-    ap.add_argument("--torch-timeout", type=float, default=60.0)
+    ap.add_argument("--torch-timeout", type=float, default=30.0)
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -406,6 +437,8 @@ def main() -> None:
     ]  # fmt: skip
     rows = [cells(r, s, lines[s]) for r in results for s in ("layerwise", "torch")]
     print(table(headers, rows))
+    print("\ntorch's tracer on the model itself, no wrapper (rank 0):\n")
+    print(table(["family", "traces"], [[r["family"], r["torch_bare_model"]] for r in results]))
     payload = {"benchmark": "hf_tracer", "config": vars(args), "user_lines": lines}
     write_json(args.json, {**payload, "total_s": total, "results": results})
 

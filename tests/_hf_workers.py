@@ -86,11 +86,11 @@ def batch(padded: bool, seed: int = 1) -> tuple[dict[str, torch.Tensor], torch.T
 
 
 def reference(
-    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, **options: Any
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """The model's own loss and gradients (on a copy), by the model's parameter names."""
     ref = copy.deepcopy(model)
-    loss = ref(**inputs, labels=labels).loss
+    loss = ref(**inputs, labels=labels, **options).loss
     loss.backward()
     named = ref.named_parameters(remove_duplicate=False)  # a tied head by its own name too
     return loss.item(), {n: p.grad.clone() for n, p in named if p.grad is not None}
@@ -217,9 +217,55 @@ def _recording_open(real_open: Any, read: list[str]) -> Any:
     return Recording
 
 
+def packed_batch(length: int, seed: int = 2) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Documents of different lengths packed into ROWS rows of ``length`` tokens, no padding:
+    position ids restart at 0 where a document begins, and the first token of each document
+    is not predicted from the one before (label -100), as packing data loaders do."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (ROWS, length), generator=gen)
+    pos = torch.zeros(ROWS, length, dtype=torch.long)
+    labels = ids.clone()
+    for row in range(ROWS):
+        start = 0
+        while start < length:
+            size = int(torch.randint(2, length, (1,), generator=gen))
+            pos[row, start : start + size] = torch.arange(min(size, length - start))
+            if start:
+                labels[row, start] = -100
+            start += size
+    return {"input_ids": ids, "position_ids": pos}, labels
+
+
+def length_cases(rank: int, world: int, kinds: list[str]) -> dict[str, list[str]]:
+    """One pipeline per family through steps of other lengths and kinds of batch: packed
+    documents, no mask, padded; each step against the model's own loss and gradients.
+
+    The model runs with ``use_cache=False``: with a cache (its default, even in training)
+    Hugging Face's forward skips the document masks of packed rows, so documents would
+    attend to each other; a pipeline has no cache and keeps each document to itself."""
+    torch.set_num_threads(1)
+    results: dict[str, list[str]] = {}
+    for kind in kinds:
+        model = build_model(tiny_config(kind))
+        mine = copy.deepcopy(model)
+        pipe = lw.Pipeline.from_hf(mine, schedule="1f1b", microbatches=2)
+        family = hf_family(mine)
+        plain = {"input_ids": torch.randint(0, VOCAB, (ROWS, 5))}
+        steps = [("packed 16", packed_batch(16)), ("plain 5", (plain, plain["input_ids"])),
+                 ("padded 8", batch(True)), ("packed 12", packed_batch(12, seed=3))]  # fmt: skip
+        for name, (inputs, labels) in steps:
+            ref_loss, ref_grads = reference(model, inputs, labels, use_cache=False)
+            pipe.zero_grad()
+            loss = pipe.train_step(inputs if pipe.is_first else None,
+                                   labels if pipe.is_last else None)  # fmt: skip
+            results[f"{kind} {name}"] = compare(pipe, family, loss, ref_loss, ref_grads)
+    return results
+
+
 def two_worker_cases(rank: int, world: int, kinds: list[str], directories: list[str]) -> dict:
     """Everything the two-worker tests check, in one process group."""
     return {
         "equivalence": hf_equivalence(rank, world, kinds, blocks=4),
         "checkpoints": checkpoint_cases(rank, world, directories),
+        "lengths": length_cases(rank, world, kinds),
     }

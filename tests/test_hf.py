@@ -299,3 +299,24 @@ def test_config_json_is_what_the_job_saves(tmp_path: Path) -> None:
     cfg = TrainConfig(model="hf:mistral", hf_config=None, run_dir=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(cfg.__dict__))
     assert load_config(tmp_path).family().config.model_type == "mistral"
+
+
+@pytest.mark.timeout(400)
+def test_packed_documents_and_changing_lengths_match_the_model(
+    two_workers: list[dict[str, Any]],
+) -> None:
+    for rank, res in enumerate(two_workers):
+        cases = res["lengths"]
+        assert len(cases) == len(KINDS) * 4
+        for case, errors in cases.items():
+            assert errors == [], f"worker {rank}, {case}: {errors}"
+
+
+def test_packed_rows_keep_each_document_to_itself() -> None:
+    """Packing is not a no-op: the same tokens in one long document give another loss."""
+    model = hw.build_model(hw.tiny_config("llama"))
+    inputs, labels = hw.packed_batch(16)
+    pipe = lw.Pipeline.from_hf(model, microbatches=2)
+    packed = pipe.evaluate(inputs, labels)
+    whole = pipe.evaluate({"input_ids": inputs["input_ids"]}, labels)
+    assert abs(packed - whole) > 1e-4

@@ -1,11 +1,14 @@
 """A Hugging Face causal LM cut into pipeline layers: embeddings, each decoder block, head.
 
 The model's own modules do the work; the wrappers here only carry what the model's forward
-computes once and hands to every block. Between layers travel the hidden states and the 2-D
-padding mask (integers, never a gradient), always both, padded or not, so that what a stage
-sends depends only on the batch's shapes. Each block recomputes from them what it needs:
-position ids, its causal (or sliding-window) attention mask, and the rotary embeddings
-``(cos, sin)`` from its own copy of the model's ``rotary_emb``. Nothing else is sent.
+computes once and hands to every block. Between layers travel the hidden states, the 2-D
+padding mask as the user gave it (or None), and the position ids (integers, never a
+gradient), so that what a stage sends depends only on the batch's shapes and keys. Each
+block recomputes from them what it needs: its causal (or sliding-window) attention mask and
+the rotary embeddings ``(cos, sin)`` from its own copy of the model's ``rotary_emb``.
+Packed sequences work as in the model itself: without a padding mask, position ids that
+restart at 0 mark where each document begins, and the model's own mask builder keeps every
+document to itself.
 
 :func:`find_parts` says where these pieces live in a model, and fails naming any submodule
 it cannot place, so that a model with more in its forward is refused rather than run wrong.
@@ -214,6 +217,9 @@ def positions(hidden: Tensor) -> Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+Carried = tuple[Tensor, Tensor | None, Tensor]  # hidden, padding mask or None, position ids
+
+
 class HFLayer(nn.Module):
     """A pipeline layer of the model; one built on the meta device knows where its weights
     come from (``source``, set by :class:`~layerwise.models.hf_weights.MetaLayer`)."""
@@ -235,7 +241,8 @@ class HFLayer(nn.Module):
 
 
 class HFEmbedding(HFLayer):
-    """input_ids (B, T) [, attention_mask (B, T)] -> (hidden (B, T, C), padding mask (B, T))."""
+    """input_ids (B, T) [, attention_mask (B, T)] [, position_ids (B, T)] -> (hidden (B, T, C),
+    padding mask (B, T) or None, position ids (B or 1, T))."""
 
     def __init__(
         self, tokens: nn.Module, positions: nn.Module | None, dropout: nn.Module | None
@@ -246,19 +253,21 @@ class HFEmbedding(HFLayer):
         self.dropout = dropout
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Carried:
         hidden = self.tokens(input_ids)  # (B, T, C)
+        pos = positions(hidden) if position_ids is None else position_ids
         if self.positions is not None:
-            hidden = hidden + self.positions(positions(hidden))
+            hidden = hidden + self.positions(pos)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        # always a mask, padded or not, so every batch of one shape sends the same structure
-        if attention_mask is None:
-            mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        else:
-            mask = (attention_mask != 0).long()
-        return hidden, mask
+        # the mask as given (a batch with one sends one, whether it pads or not): the model
+        # treats "no mask" otherwise (packed sequences are read from the position ids)
+        mask = None if attention_mask is None else (attention_mask != 0).long()
+        return hidden, mask, pos
 
 
 class HFBlock(HFLayer):
@@ -279,8 +288,7 @@ class HFBlock(HFLayer):
         """The model's own block, for messages."""
         return self.block
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        pos = positions(hidden)
+    def forward(self, hidden: Tensor, mask: Tensor | None, pos: Tensor) -> Carried:
         make = (
             create_causal_mask
             if self.kind == "full_attention"
@@ -295,7 +303,7 @@ class HFBlock(HFLayer):
         )
         extra = {} if self.rotary is None else {"position_embeddings": self.rotary(hidden, pos)}
         out = self.block(hidden, attention_mask=attention, position_ids=pos, **extra)
-        return (out[0] if isinstance(out, tuple) else out), mask
+        return (out[0] if isinstance(out, tuple) else out), mask, pos
 
 
 class HFHead(HFLayer):
@@ -307,7 +315,9 @@ class HFHead(HFLayer):
         self.head = head
         self.softcap = softcap
 
-    def forward(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, hidden: Tensor, mask: Tensor | None = None, pos: Tensor | None = None
+    ) -> Tensor:
         logits = self.head(self.norm(hidden))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -322,8 +332,7 @@ class SoloBlock(nn.Module):
         self.inner = block
 
     def forward(self, hidden: Tensor) -> Tensor:
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        return self.inner(hidden, mask)[0]
+        return self.inner(hidden, None, positions(hidden))[0]
 
 
 def make_layers(model: Any, parts: Parts, indices: list[int] | None = None) -> dict[int, HFLayer]:

@@ -131,7 +131,11 @@ class Pipeline:
         default finds the pieces of GPT-2, Llama and their kin, and names what it cannot
         place). ``train_step(input_ids, labels)`` then returns
         ``model(input_ids, labels=labels).loss``; inputs may also be a dict with
-        ``input_ids`` and ``attention_mask``. Needs ``transformers`` (``layerwise[hf]``).
+        ``input_ids``, ``attention_mask`` and ``position_ids``. Steps may change length
+        freely. Packed rows (no mask, position ids restarting at 0 where each document
+        begins) keep every document to itself, as ``model(..., use_cache=False)`` does: with
+        its default cache, Hugging Face's own forward skips the document masks.
+        Needs ``transformers`` (``layerwise[hf]``).
         """
         from layerwise.models.hf import hf_family
 
