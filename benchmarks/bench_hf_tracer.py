@@ -370,9 +370,9 @@ def worker(rank: int, world: int, families: list[str], a: argparse.Namespace) ->
 def cause(error: str) -> str:
     """Of every rank's error, those that are not timeouts (a rank waiting on the one that
     failed only times out), for the table; the JSON keeps all."""
-    found = error.split("; rank ")
-    real = [f for f in found if "Timed out" not in f and "timed out" not in f]
-    return "; rank ".join(real or found).removeprefix("rank 0: ").removeprefix("rank 1: ")
+    found = [f for f in re.split(r"(?:^|; )rank \d+: ", error) if f]
+    real = [f for f in found if "timed out" not in f.lower()]
+    return "; ".join(real or found)
 
 
 def cells(r: dict[str, Any], side: str, lines: int) -> list[Any]:

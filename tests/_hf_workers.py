@@ -262,10 +262,38 @@ def length_cases(rank: int, world: int, kinds: list[str]) -> dict[str, list[str]
     return results
 
 
+def replica_cases(rank: int, world: int) -> list[str]:
+    """Two data-parallel replicas (one worker each) whose halves of a padded batch count
+    different numbers of tokens: their gradients and the mean of their losses equal the
+    model's over the whole batch (every token counts once, wherever it was)."""
+    import torch.distributed as dist
+
+    from layerwise.parallel.data import GradReducer
+
+    model = build_model(tiny_config("llama"))
+    inputs, labels = batch(padded=True)
+    ref_loss, ref_grads = reference(model, inputs, labels)
+    own = [dist.new_group([r]) for r in range(world)]  # every rank makes every group
+    mine = copy.deepcopy(model)
+    pipe = lw.Pipeline.from_hf(mine, microbatches=2, group=own[rank],
+                               grad_reducer=GradReducer(dist.group.WORLD))  # fmt: skip
+    cuts = [0, 2, ROWS]  # 2 rows and 6: the replicas' batches differ in rows and tokens
+    rows = slice(cuts[rank], cuts[rank + 1])
+    loss = pipe.train_step({k: v[rows] for k, v in inputs.items()}, labels[rows])
+    both = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(both)
+    errors = compare(pipe, hf_family(mine), float(both) / world, ref_loss, ref_grads)
+    counted = [int((labels[cuts[r] : cuts[r + 1], 1:] != -100).sum()) for r in range(world)]
+    if counted[0] == counted[1]:
+        errors.append(f"the halves count the same tokens ({counted}): the case tests nothing")
+    return errors
+
+
 def two_worker_cases(rank: int, world: int, kinds: list[str], directories: list[str]) -> dict:
     """Everything the two-worker tests check, in one process group."""
     return {
         "equivalence": hf_equivalence(rank, world, kinds, blocks=4),
         "checkpoints": checkpoint_cases(rank, world, directories),
         "lengths": length_cases(rank, world, kinds),
+        "replicas": replica_cases(rank, world),
     }

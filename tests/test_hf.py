@@ -320,3 +320,9 @@ def test_packed_rows_keep_each_document_to_itself() -> None:
     packed = pipe.evaluate(inputs, labels)
     whole = pipe.evaluate({"input_ids": inputs["input_ids"]}, labels)
     assert abs(packed - whole) > 1e-4
+
+
+@pytest.mark.timeout(400)
+def test_replicas_count_tokens_not_batches(two_workers: list[dict[str, Any]]) -> None:
+    for rank, res in enumerate(two_workers):
+        assert res["replicas"] == [], f"worker {rank}: {res['replicas']}"

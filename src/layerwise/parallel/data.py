@@ -26,6 +26,19 @@ class GradReducer:
         self.size = dist.get_world_size(group)
         self.pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
 
+    def replica_share(self, weight: float) -> float:
+        """Return how much this replica's mean loss counts against the others' (1 when every
+        replica's batch weighs the same): replicas x its weight / the weight of all.
+
+        With token-weighted losses, replicas whose batches count different numbers of tokens
+        must not count equally: the last stage of each replica scales its loss by this, so
+        that the average below is the mean over every token of the global batch. Collective
+        over the replicas' last stages (one number each)."""
+        both = torch.tensor([weight], dtype=torch.float64)
+        dist.all_reduce(both, group=self.group)
+        total = float(both.item())
+        return self.size * weight / total if total else 0.0
+
     def stage_done(self, stage: nn.Module) -> None:
         """Start the asynchronous all-reduce of ``stage``'s gradients (one flat bucket)."""
         grads = []

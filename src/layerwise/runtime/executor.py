@@ -182,6 +182,9 @@ class Executor:
                     f"targets split into micro-batches of {got} rows, inputs into {st.rows}"
                 )
             st.weights = [micro_batch_weight(run.loss_reduction, t) for t in st.targets]
+            share = getattr(run.grad_reducer, "replica_share", None)
+            if run.trains and run.loss_reduction != "rows" and share is not None:
+                st.share = share(sum(st.weights))  # replicas count by weight, not equally
         self.events = []
         self.last_schedule = sched
         return st
@@ -235,7 +238,7 @@ class Executor:
             return None
         assert run.loss_fn is not None
         loss_fn, target, total = run.loss_fn, st.targets[mb], sum(st.weights)
-        weight = st.weights[mb] / total if total else 0.0
+        weight = st.weights[mb] / total * st.share if total else 0.0
         if weight == 0.0:
             return _zero_loss
         return lambda out: loss_fn(out, target) * weight

@@ -56,7 +56,11 @@ class Pipeline:
     ``parallelize``: called as ``fn(global_layer_index, module)`` on each layer this worker
     builds, e.g. to shard it for tensor parallelism. ``grad_reducer``: an object with
     ``stage_done(stage)`` (called right after a stage's last backward of the step) and
-    ``finish()`` (called at the end of the step), e.g. data-parallel gradient averaging.
+    ``finish()`` (called at the end of the step), e.g. data-parallel gradient averaging
+    (``layerwise.parallel.data.GradReducer``). One that also has ``replica_share(weight)``
+    makes replicas count by their batches' weight when the loss is not weighted by rows:
+    each replica's loss is then its share of the global batch's, so the mean of the
+    replicas' losses is the loss over every token of the global batch.
     ``p2p``: the transport, i.e. how messages find their receive: ``tags`` (gloo matches
     every message by its tag), ``channels`` (one two-rank process group per stage boundary
     and direction, where messages match in order; needed by NCCL, which ignores tags; every

@@ -48,6 +48,7 @@ class Step:
     inputs: list[Any] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # last worker: each micro-batch's weight
+    share: float = 1.0  # last worker: how much this replica counts (GradReducer.replica_share)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)  # forward only: the last stage's
     local: dict[tuple[int, str, int], Any] = field(default_factory=dict)  # same-worker hand-offs
