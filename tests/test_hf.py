@@ -73,11 +73,13 @@ def test_checkpoints_are_read_stage_by_stage(two_workers: list[dict[str, Any]]) 
 
 @pytest.mark.timeout(400)
 def test_llama_on_four_workers_matches_the_model() -> None:
-    results = run_workers(hw.hf_equivalence, 4, ["llama"], 6, timeout_s=240)
+    """Four stages, then two stages of two tensor-parallel ranks, in one process group."""
+    results = run_workers(hw.four_worker_cases, 4, timeout_s=300)
     for rank, res in enumerate(results):
-        assert len(res) == len(hw.SCHEDULES) * 2
-        for case, errors in res.items():
-            assert errors == [], f"worker {rank}, {case}: {errors}"
+        for part in ("pipeline", "tensor parallel"):
+            assert len(res[part]) == len(hw.SCHEDULES) * 2
+            for case, errors in res[part].items():
+                assert errors == [], f"worker {rank}, {case}: {errors}"
 
 
 def test_layers_built_from_a_configuration_are_initialized_as_the_model_does() -> None:
@@ -187,8 +189,13 @@ def test_registry_and_builtin_configurations() -> None:
         assert family.config.vocab_size == 256 and family.config.model_type == kind
         assert family.describe_layers() == f"2 {kind} blocks plus the embedding and the head"
         family.check(Grid(1, 4, 1), world=4)
-        with pytest.raises(ValueError, match="tensor parallelism is not available"):
+        if kind in ("gpt2", "phi3"):  # fused projections: refused before anything starts
+            with pytest.raises(ValueError, match="splits Llama's separate projections"):
+                family.check(Grid(1, 2, 2))
+        else:
             family.check(Grid(1, 2, 2))
+            with pytest.raises(ValueError, match=r"--tp 3 does not divide .* \(4\)"):
+                family.check(Grid(1, 1, 3))
     tied = get_family("hf:gpt2", n_layers=2, tie_embeddings=True)
     assert tied.tied_parameters() == [(0, "tokens.weight", 3, "head.weight")]
     assert tied.model_name("1.block.attn.c_attn.weight") == "transformer.h.0.attn.c_attn.weight"
@@ -254,8 +261,8 @@ def test_the_train_command_builds_hf_families(tmp_path: Path) -> None:
             r"--seq-len 64 is longer than the model's max_position_embeddings \(32\)",
         ),
         (
-            ("--model", "hf:llama", "--tp", "2", "--workers", "1", "--microbatches", "1"),
-            "tensor parallelism is not available",
+            ("--model", "hf:gpt2", "--tp", "2", "--workers", "1", "--microbatches", "1"),
+            "GPT2Block has no self_attn.q_proj",
         ),
         (
             (

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from layerwise.models.family import LayerFactory, ModelFamily, TiedParameter
+from layerwise.parallel.tensor import TensorParallelPlan
 
 try:
     import transformers
@@ -44,6 +45,7 @@ from layerwise.models.hf_layers import (
     make_layers,
     model_name,
 )
+from layerwise.models.hf_tp import block_plan, check_tensor_parallel
 from layerwise.models.hf_weights import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -274,11 +276,13 @@ class HFDecoderFamily(ModelFamily):
         return model_name(parts, int(index), self.num_blocks, local)
 
     def check_layout(self, layout: Grid) -> None:
-        if layout.tp > 1:
-            raise ValueError(
-                f"--tp {layout.tp}: tensor parallelism is not available for Hugging Face "
-                f"models yet; use --tp 1 (and --dp or --workers to use more processes)"
-            )
+        if layout.tp > 1:  # a block built on the meta device says whether it can be split
+            block_plan(MetaLayer(self.source, 1)())
+            check_tensor_parallel(self.config, layout.tp)
+
+    def tensor_parallel_plan(self, index: int, module: nn.Module) -> TensorParallelPlan:
+        """Blocks split as Llama's (:mod:`layerwise.models.hf_tp`); the rest stays whole."""
+        return block_plan(module) if 1 <= index <= self.num_blocks else {}
 
     def sample_layer(self, micro_batch: int) -> tuple[nn.Module, Tensor]:
         """Return block 0 (fed hidden states alone) and hidden states of (micro_batch, T, C)."""
