@@ -1,29 +1,18 @@
-"""Hugging Face decoders in two pipeline stages: ``layerwise.Pipeline.from_hf`` against
-``torch.distributed.pipelining``'s tracer front end (``pipeline()`` + ``build_stage`` +
-``ScheduleGPipe``), on 2 processes (gloo, CPU).
+"""Hugging Face decoders in 2 pipeline stages on 2 processes (gloo, CPU): layerwise's
+``Pipeline.from_hf`` against torch.distributed.pipelining's tracer front end (``pipeline()``,
+``build_stage``, ``ScheduleGPipe``).
 
-For each family (GPT-2 with tied embedding and head, Llama, Mistral, Qwen2, Gemma2, Phi-3;
-tiny configurations from ``layerwise.models.hf.builtin_config``, random weights, seed 0)
-both sides get a copy of the same model and the same batches, cut before the first decoder
-block of the second half ([embeddings, blocks 0-1 | blocks 2-3, head]), GPipe with the same
-micro-batches, AdamW. Measured per side:
-
-- works: the pipeline builds and trains ``--steps`` steps at ``--length`` tokens (else the
-  first line of the error);
-- user lines: lines of code between the ``# >>> user code`` markers of this file (imports,
-  comments and blank lines not counted; the optimizer line, alike on both sides, neither);
-- loss: the largest difference over the steps between the side's step loss and the loss of
-  the unsplit model trained alongside with the same optimizer, and the largest gradient
-  error of step 1 (max |g - g_ref| / max |g_ref| over the parameters a worker holds);
-- ties: whether the tied embedding and head are still equal across the two stages after
-  the steps (GPT-2 only);
-- second length: one more step at ``--second-length`` tokens (loss against the model's);
-- tokens/s: where both sides work, after the steps above, one step of each in turn (median
-  of ``--timed-steps`` after ``--warmup``; forward and backward, no optimizer step, so that
-  the weights stay those the second length is checked with); and ours / theirs.
-
-Torch's side runs in its own process group whose waits end after ``--torch-timeout``
-seconds, so that a torch step that hangs becomes an error; a new one replaces it after one.
+Per family (GPT-2 with its head tied to the embedding, Llama, Mistral, Qwen2, Gemma2, Phi-3;
+tiny ``builtin_config`` models, random weights, seed 0) both sides get a copy of one model,
+the same batches and cut ([embeddings, blocks 0-1 | blocks 2-3, head]), GPipe with the same
+micro-batches, AdamW; an unsplit copy trains alongside as the reference. Per side: does it
+build and train ``--steps`` steps (else every rank's error); user code (lines between the
+``# >>> user code`` markers below, without imports, comments, blank lines); the largest
+step-loss gap to the reference and step-1 gradient error (max |g - g_ref| / max |g_ref| per
+parameter); are GPT-2's tied copies on the two stages equal after the steps; where both work,
+tokens/s (a step of each in turn, forward and backward only, median of ``--timed-steps``);
+last, a step at ``--second-length`` tokens. torch's side has its own process group, whose
+waits end after ``--torch-timeout`` s, so that a hang becomes an error.
 
     .venv/bin/python benchmarks/bench_hf_tracer.py --json runs/hf_tracer.json
 """
@@ -56,7 +45,9 @@ from layerwise.job.launcher import run_workers
 from layerwise.models.hf import builtin_config, hf_family
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3")
-ERROR_CHARS = 400
+# the module torch's tracer cuts before (as LogitsOnly names it): block 2 of 4
+CUT = {"gpt2": "model.transformer.h.2", **{k: "model.model.layers.2" for k in FAMILIES[1:]}}
+LR, WARMUP, ERROR_CHARS = 1e-3, 3, 250  # error: chars per line
 
 # >>> user code: layerwise
 
@@ -87,11 +78,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
 
 
-def theirs_build(
-    model: nn.Module, ids_mb: torch.Tensor, cut: str, m: int, group: dist.ProcessGroup
-) -> tuple[Any, Any]:
-    split = {cut: SplitPoint.BEGINNING}
-    pipe = pipeline(LogitsOnly(model), mb_args=(ids_mb,), split_spec=split)
+def theirs_build(model: nn.Module, mb: torch.Tensor, cut: str, m: int, group: Any) -> Any:
+    pipe = pipeline(LogitsOnly(model), mb_args=(mb,), split_spec={cut: SplitPoint.BEGINNING})
     rank = dist.get_rank(group)
     stage = build_stage(pipe.get_stage_module(rank), rank, pipe.info(), torch.device("cpu"), group)
     return ScheduleGPipe(stage, m, loss_fn=causal_lm_loss), stage
@@ -123,16 +111,6 @@ def user_lines() -> dict[str, int]:
     return counts
 
 
-def family_config(kind: str) -> Any:
-    """4 blocks, width 64, 4 heads, vocabulary 256, 128 positions; GPT-2's head tied."""
-    return builtin_config(kind, 128, 64, 4, 4, tie_embeddings=kind == "gpt2")
-
-
-def cut_name(kind: str) -> str:
-    """The module torch's tracer cuts before (as LogitsOnly names it): block 2 of 4."""
-    return "model.transformer.h.2" if kind == "gpt2" else "model.model.layers.2"
-
-
 def batch(step: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, 256, (rows, length), generator=torch.Generator().manual_seed(step))
     return ids, ids.clone()  # the model shifts its labels itself
@@ -144,9 +122,9 @@ def describe(e: BaseException) -> str:
     root = e
     while root.__cause__ is not None:
         root = root.__cause__
-    first = [f"{type(x).__name__}: {(str(x).strip().splitlines() or [''])[0]}" for x in (e, root)]
-    text = first[0] if root is e else f"{first[0]} (cause: {first[1]})"
-    return text[:ERROR_CHARS].replace("|", "/")
+    lines = [f"{type(x).__name__}: {(str(x).strip().splitlines() or [''])[0]}" for x in (e, root)]
+    first = [line[:ERROR_CHARS] for line in lines]
+    return first[0] if root is e else f"{first[0]} (cause: {first[1]})"
 
 
 def agreed(mine: Any) -> list[Any]:
@@ -157,161 +135,120 @@ def agreed(mine: Any) -> list[Any]:
 
 
 def attempt(fn: Any) -> tuple[Any, str | None]:
-    """Run ``fn()`` on every rank; return (its value, every rank's error or None)."""
+    """Run ``fn()`` on every rank; return (its value here, every rank's error or None)."""
     value, mine = None, None
     try:
         value = fn()
     except Exception as e:
-        mine = describe(e)
-    found = [f"rank {r}: {e}" for r, e in enumerate(agreed(mine)) if e]
-    return value, "; ".join(found) or None
+        mine = describe(e).replace("|", "/")
+    return value, "; ".join(f"rank {r}: {e}" for r, e in enumerate(agreed(mine)) if e) or None
 
 
 def reference(model: nn.Module, a: argparse.Namespace) -> dict[str, Any]:
     """The unsplit model (a copy) trained on the same batches: its step losses, its step-1
-    gradients by parameter name, and its loss on the batch of the second length."""
-    ref = copy.deepcopy(model)
-    opt = torch.optim.AdamW(ref.parameters(), lr=a.lr)
-    losses, grads = [], {}
+    gradients under every name (a tied head under its own too), its loss at length 2."""
+    ref, losses, grads = copy.deepcopy(model), [], {}
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     for step in range(a.steps):
-        loss = ref(*batch(step, a.rows, a.length)[:1], labels=batch(step, a.rows, a.length)[1])
-        loss = loss.loss
+        ids, labels = batch(step, a.rows, a.length)
+        loss = ref(ids, labels=labels).loss
         loss.backward()
-        if step == 0:  # by every name: a tied head by its own too
-            named = ref.named_parameters(remove_duplicate=False)
-            grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        named = ref.named_parameters(remove_duplicate=False)
+        grads = grads or {n: p.grad.clone() for n, p in named if p.grad is not None}
         losses.append(float(loss))
         opt.step()
         opt.zero_grad()
     ids, labels = batch(a.steps, a.rows, a.second_length)
     with torch.no_grad():
-        second = float(ref(ids, labels=labels).loss)
-    return {"losses": losses, "grads": grads, "second": second}
+        return {"losses": losses, "grads": grads, "second": float(ref(ids, labels=labels).loss)}
 
 
-class Ours:
-    """layerwise's side of one family on this rank."""
+class Side:
+    """One library's pipeline of one family on this rank: its step, a module holding its
+    parameters, their names in the model, and the names of its copy of GPT-2's tied matrix
+    (the embedding's first: torch's stage 0 also keeps an unused copy of the head)."""
 
-    name = "layerwise"
+    def __init__(self, name: str, model: nn.Module, kind: str, a: Any, group: Any) -> None:
+        self.name, family = name, hf_family(model)
+        if name == "layerwise":
+            pipe = ours_build(copy.deepcopy(model), a.microbatches)
+            self.step: Any = functools.partial(ours_step, pipe)
+            self.module, self.rename = pipe.module(), family.model_name
+            self.ties = ("0.tokens.weight", f"{family.num_layers - 1}.head.weight")
+            self.layers = [list(r) for r in pipe.partition.ranges]
+        else:
+            mb = batch(0, a.rows // a.microbatches, a.length)[0]
+            sched, stage = theirs_build(copy.deepcopy(model), mb, CUT[kind], a.microbatches, group)
+            self.step = functools.partial(theirs_step, sched, stage)
+            self.module, self.rename = stage.submod, lambda n: n.removeprefix("model.")
+            self.ties = ("model.transformer.wte.weight", "model.lm_head.weight")
+        self.opt = torch.optim.AdamW(self.module.parameters(), lr=LR)
 
-    def __init__(self, model: nn.Module, kind: str, a: argparse.Namespace, group: Any) -> None:
-        self.pipe = ours_build(copy.deepcopy(model), a.microbatches)
-        self.model_name = hf_family(model).model_name  # pipeline name -> the model's
-        self.opt = torch.optim.AdamW(self.pipe.parameters(), lr=a.lr)
-        self.layers = [list(r) for r in self.pipe.partition.ranges]
+    def tied(self) -> torch.Tensor | None:
+        held = dict(self.module.named_parameters())
+        return next((held[n].detach() for n in self.ties if n in held), None)
 
-    def step(self, ids: torch.Tensor, labels: torch.Tensor) -> float | None:
-        return ours_step(self.pipe, ids, labels)
-
-    def named(self) -> Any:
-        return self.pipe.named_parameters()
-
-    def zero_grad(self) -> None:
-        self.pipe.zero_grad()
-
-    def tied(self) -> torch.Tensor | None:  # GPT-2: the embedding, or the head
-        held = dict(self.named())
-        return held.get(
-            "0.tokens.weight", held.get(f"{len(self.pipe.partition.layers) - 1}.head.weight")
-        )
-
-
-class Theirs(Ours):
-    """torch's side of one family on this rank (its own process group)."""
-
-    name = "torch"
-
-    def __init__(self, model: nn.Module, kind: str, a: argparse.Namespace, group: Any) -> None:
-        ids_mb = batch(0, a.rows // a.microbatches, a.length)[0]
-        built = theirs_build(copy.deepcopy(model), ids_mb, cut_name(kind), a.microbatches, group)
-        self.sched, self.stage = built
-        self.opt = torch.optim.AdamW(self.stage.submod.parameters(), lr=a.lr)
-
-    def model_name(self, name: str) -> str:
-        return name.removeprefix("model.")
-
-    def step(self, ids: torch.Tensor, labels: torch.Tensor) -> float | None:
-        return theirs_step(self.sched, self.stage, ids, labels)
-
-    def named(self) -> Any:
-        return self.stage.submod.named_parameters()
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad()
-
-    def tied(self) -> torch.Tensor | None:  # its copies of GPT-2's one matrix
-        name = "model.transformer.wte.weight" if self.stage.is_first else "model.lm_head.weight"
-        return dict(self.named()).get(name)
-
-
-def train(side: Ours, ids: torch.Tensor, labels: torch.Tensor, grads: Any = None) -> Any:
-    """One step and the optimizer's; with ``grads`` (the model's), also the largest gradient
-    error: max |g - g_ref| / max |g_ref| over this rank's parameters that have a gradient."""
-    loss, worst = side.step(ids, labels), 0.0
-    for name, p in side.named() if grads else ():
-        if p.grad is not None:  # torch leaves its copy of GPT-2's head unused on stage 0
-            want = grads[side.model_name(name)]
-            worst = max(worst, float((p.grad - want).abs().max() / want.abs().max()))
-    side.opt.step()
-    side.zero_grad()
-    return loss, worst
-
-
-def last_value(values: list[Any]) -> Any:
-    return [v for v in values if v is not None][-1]
+    def train(self, ids: torch.Tensor, labels: torch.Tensor, grads: Any = None) -> Any:
+        """A step and the optimizer's; with the model's ``grads``, also the largest error of
+        the gradients this rank holds (torch's unused copy of GPT-2's head has none)."""
+        loss, worst = self.step(ids, labels), 0.0
+        for name, p in self.module.named_parameters() if grads else ():
+            if p.grad is not None:
+                want = grads[self.rename(name)]
+                worst = max(worst, float((p.grad - want).abs().max() / want.abs().max()))
+        self.opt.step()
+        self.module.zero_grad(set_to_none=True)
+        return loss, worst
 
 
 def run_family(kind: str, a: argparse.Namespace, group: Any) -> dict[str, Any]:
     """Both sides on one family (collective)."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(family_config(kind))
+    config = builtin_config(kind, 128, 64, 4, 4, tie_embeddings=kind == "gpt2")
+    model = transformers.AutoModelForCausalLM.from_config(config)
     ref = reference(model, a)
-    result: dict[str, Any] = {"family": kind, "cut": cut_name(kind), "ref_losses": ref["losses"]}
-    bare = {cut_name(kind).removeprefix("model."): SplitPoint.BEGINNING}
-    _, result["torch_bare_model"] = attempt(  # does torch's tracer take the model itself?
-        functools.partial(pipeline, copy.deepcopy(model), (batch(0, 2, a.length)[0],), None, bare)
-    )
-    sides: dict[str, Ours] = {}
-    for cls in (Ours, Theirs):
-        side, error = attempt(functools.partial(cls, model, kind, a, group))
-        rec = result[cls.name] = {"error": error, "losses": []}
+    result: dict[str, Any] = {"family": kind, "cut": CUT[kind], "ref_losses": ref["losses"]}
+    split = {CUT[kind].removeprefix("model."): SplitPoint.BEGINNING}  # the model itself
+    mb = (batch(0, a.rows // a.microbatches, a.length)[0],)
+    _, result["torch_bare_model"] = attempt(lambda: pipeline(copy.deepcopy(model), mb, None, split))
+    sides: dict[str, Side] = {}
+    for name in ("layerwise", "torch"):
+        side, error = attempt(functools.partial(Side, name, model, kind, a, group))
+        rec = result[name] = {"error": error, "losses": []}
         for step in range(a.steps if error is None else 0):
             grads = ref["grads"] if step == 0 else None
-            got, error = attempt(
-                functools.partial(train, side, *batch(step, a.rows, a.length), grads)
-            )
-            if error is not None:
-                rec["error"] = error
+            one = functools.partial(side.train, *batch(step, a.rows, a.length), grads)
+            got, rec["error"] = attempt(one)
+            if rec["error"] is not None:
                 break
-            everyone = agreed(got)
-            rec["losses"].append(last_value([loss for loss, _ in everyone]))
-            if step == 0:
-                rec["step1_grad_err"] = max(err for _, err in everyone)
+            everyone = agreed(got)  # torch's loss is on the last stage only
+            rec["losses"].append([loss for loss, _ in everyone if loss is not None][-1])
+            rec["step1_grad_err"] = rec.get("step1_grad_err", max(e for _, e in everyone))
         if rec["error"] is None:
-            sides[cls.name] = side
-            rec["max_loss_diff"] = max(abs(x - y) for x, y in zip(rec["losses"], ref["losses"]))
-            if kind == "gpt2":  # the tied copies after the steps, stage 0 against stage 1
-                held = [t.detach() for t in agreed(side.tied()) if t is not None]
+            sides[name] = side
+            gaps = [abs(x - y) for x, y in zip(rec["losses"], ref["losses"], strict=True)]
+            rec["max_loss_diff"] = max(gaps)
+            if kind == "gpt2":  # the tied copies after the steps: stage 0's against stage 1's
+                held = agreed(side.tied())
                 rec["tie_gap"] = float((held[0] - held[1]).abs().max())
     if len(sides) == 2:  # tokens/s: one step of each in turn, forward and backward only
         ids, labels = batch(a.steps, a.rows, a.length)
         times: dict[str, list[float]] = {name: [] for name in sides}
-        for i in range(a.warmup + a.timed_steps):
+        for i in range(WARMUP + a.timed_steps):
             for name, side in sides.items():
                 took = timed_steps(functools.partial(side.step, ids, labels), 0, 1)
-                side.zero_grad()
-                times[name] += took if i >= a.warmup else []
+                side.module.zero_grad(set_to_none=True)
+                times[name] += took if i >= WARMUP else []
         for name in sides:
             result[name]["tokens_per_s"] = a.rows * a.length / median(times[name])
         result["step_s"] = times
     for name, side in sides.items():  # last: a failure may leave torch's group unusable
-        got, error = attempt(
-            functools.partial(train, side, *batch(a.steps, a.rows, a.second_length))
-        )
-        loss_diff = None if error else abs(last_value([v[0] for v in agreed(got)]) - ref["second"])
-        result[name]["second_length"] = {"error": error, "loss_diff": loss_diff}
-    if "layerwise" in sides:
-        result["layerwise_layers"] = sides["layerwise"].layers  # type: ignore[attr-defined]
+        second = functools.partial(side.train, *batch(a.steps, a.rows, a.second_length))
+        got, error = attempt(second)
+        loss = None if error else [v[0] for v in agreed(got) if v[0] is not None][-1]
+        diff = None if loss is None else abs(loss - ref["second"])
+        result[name]["second_length"] = {"error": error, "loss_diff": diff}
+    result["layerwise_layers"] = getattr(sides.get("layerwise"), "layers", None)
     return result
 
 
@@ -319,12 +256,11 @@ def worker(rank: int, world: int, families: list[str], a: argparse.Namespace) ->
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    timeout = timedelta(seconds=a.torch_timeout)
     results: list[dict[str, Any]] = []
     for kind in families:
-        if not results or results[-1]["torch"].get("second_length", {}).get("error"):
-            # torch's own group, replaced after a failure (messages may be left in it)
-            group = dist.new_group(list(range(world)), timeout=timeout)
+        torch_side = results[-1]["torch"] if results else {"error": "none yet"}
+        if torch_side["error"] or torch_side["second_length"]["error"]:  # (re)new its group
+            group = dist.new_group(list(range(world)), timeout=timedelta(seconds=a.torch_timeout))
         t0 = time.perf_counter()
         results.append(run_family(kind, a, group))
         results[-1]["seconds"] = time.perf_counter() - t0
@@ -337,20 +273,17 @@ def cause(error: str, chars: int = 110) -> str:
     found = [f for f in re.split(r"(?:^|; )rank \d+: ", error) if f]
     real = [f for f in found if "timed out" not in f.lower()] or found
     short = [f.split("(cause: ", 1)[-1].removesuffix(")") for f in real]
-    return "; ".join(f if len(f) <= chars else f[: chars - 3] + "..." for f in short)
+    return "; ".join(dict.fromkeys(f if len(f) <= chars else f[: chars - 3] + "..." for f in short))
 
 
 def cells(r: dict[str, Any], side: str, lines: int) -> list[Any]:
     s = r[side]
     if s["error"]:
         return [r["family"], side, f"no: {cause(s['error'])}", lines, *["-"] * 6]
-    tie = s.get("tie_gap")
+    tie, second, speed = s.get("tie_gap"), s["second_length"], s.get("tokens_per_s")
     ties = "n/a" if tie is None else "yes" if tie == 0 else f"no (max gap {tie:.1e})"
-    second = s["second_length"]
     two = f"yes (loss diff {second['loss_diff']:.1e})" if second["error"] is None else None
-    speed, ratio = s.get("tokens_per_s"), "-"
-    if speed is not None and side == "layerwise":
-        ratio = f"{speed / r['torch']['tokens_per_s']:.2f}"
+    ratio = f"{speed / r['torch']['tokens_per_s']:.2f}" if speed and side == "layerwise" else "-"
     return [
         r["family"], side, "yes", lines, f"{s['max_loss_diff']:.1e}",
         f"{s['step1_grad_err']:.1e}", ties, two or f"no: {cause(second['error'])}",
@@ -366,20 +299,17 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32, help="tokens per row")
     ap.add_argument("--second-length", type=int, default=48)
     ap.add_argument("--steps", type=int, default=5, help="training steps checked for loss")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed-steps", type=int, default=11)
     ap.add_argument("--torch-timeout", type=float, default=30.0)
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     t0 = time.perf_counter()
     results = run_workers(worker, 2, args.families, args, timeout_s=900)[0]
-    total = time.perf_counter() - t0
-    lines = user_lines()
+    total, lines = time.perf_counter() - t0, user_lines()
     print(
         f"2 processes (gloo, CPU), GPipe, {args.rows} rows x {args.length} tokens, "
-        f"m = {args.microbatches}, AdamW lr {args.lr}, {args.steps} steps; tokens/s: median "
-        f"of {args.timed_steps} steps after {args.warmup}, alternating; torch {torch.__version__}, "
+        f"m = {args.microbatches}, AdamW lr {LR}, {args.steps} steps; tokens/s: median of "
+        f"{args.timed_steps} steps after {WARMUP}, alternating; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; total {total:.0f} s\n"
     )
     headers = [

@@ -136,6 +136,10 @@ def test_memory_is_the_worst_stage() -> None:
     assert mem.buffers == pytest.approx(RESERVED_GIB)  # not the last worker: no logits
     lighter = memory(model, train, replace(lay, stage_layers=(4, 3, 3, 3)))
     assert lighter.total < mem.total
+    # ZB-H1 lets every worker hold p = 4 micro-batches (as its registry entry, the simulator
+    # and the runtime say), where 1F1B's worker 1 holds 3
+    zb = memory(model, train, replace(lay, schedule="zb-h1"))
+    assert zb.activations == pytest.approx(4 * 10 * layer_activation_bytes(model, lay) / GIB)
 
 
 def test_time_follows_every_stage_through_the_simulator() -> None:

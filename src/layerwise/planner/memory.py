@@ -39,10 +39,9 @@ GIB = float(2**30)
 # Fixed per-GPU reserve: CUDA context, cuBLAS/NCCL workspaces, allocator slack (a documented
 # default; measured contexts are 0.5-1 GiB on A100/H100, NCCL and cuBLAS add a few hundred MB).
 RESERVED_GIB = 1.5
-# ZB-H1's memory is modelled as 1F1B's, stage by stage, as in the paper's "same peak memory
-# as 1F1B" and in the numbers the planner was checked with. The zb-h1 generator lets every
-# worker hold up to p micro-batches (its registry entry), so a run's later stages hold more.
-PEAK_AS = {"zb-h1": "1f1b"}
+# Every schedule's activations follow its registry entry (what the simulator and the runtime
+# hold): ZB-H1 lets every worker hold up to p micro-batches, where 1F1B's worker w holds
+# p - w, so on uneven stages a heavy last stage holds p of them, not one.
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def inflight_microbatches(lay: Layout, num_microbatches: int, stage: int = 0) ->
 def _peaks(lay: Layout, num_microbatches: int) -> tuple[float, ...]:
     """Returns :func:`inflight_microbatches` of every worker."""
     name = schedule_name(lay.schedule, lay.vpp)
-    return _spec_peaks(registry.get(PEAK_AS.get(name, name)), lay.pp, num_microbatches, lay.vpp)
+    return _spec_peaks(registry.get(name), lay.pp, num_microbatches, lay.vpp)
 
 
 @lru_cache(maxsize=4096)
