@@ -11,6 +11,13 @@ from _workers import TIED_GPT_CASES, tied_gpt_pipeline, tied_gpt_reference
 from layerwise.models.gpt import GPTConfig, build_gpt, loss_fn
 
 
+def hybrid_layouts(
+    rank: int, world: int, layouts: list[tuple[int, int, int]]
+) -> list[dict[str, Any]]:
+    """:func:`hybrid_cases` for each (dp, tp, pp) of ``layouts`` (each of ``world`` ranks)."""
+    return [hybrid_cases(rank, world, dp, tp, pp) for dp, tp, pp in layouts]
+
+
 def hybrid_cases(rank: int, world: int, dp: int, tp: int, pp: int) -> dict[str, Any]:
     """A tied GPT on a (dp, pp, tp) mesh: loss and every gradient equal to single-process
     training on the same global batch, for 1F1B and ZB-H1, and for 1F1B with messages

@@ -213,6 +213,7 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
     results.update(safety_cases(rank, world, reference, compare))
     if world == 2:
         results.update(length_cases(rank, world, reference, compare))
+        results["tied gpt"] = gpt_cases(rank, world)
     return results
 
 

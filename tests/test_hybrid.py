@@ -11,16 +11,21 @@ from layerwise.parallel.mesh import Grid, describe_mesh
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize(("dp", "tp", "pp"), [(2, 1, 2), (1, 2, 2), (2, 2, 2)])
-def test_hybrid_matches_single_process(dp: int, tp: int, pp: int) -> None:
-    results = run_workers(hw.hybrid_cases, dp * tp * pp, dp, tp, pp, timeout_s=300)
-    for rank, res in enumerate(results):
-        for case in hw.TIED_GPT_CASES:
-            assert res[case] == [], f"rank {rank} {case}: {res[case]}"
-            if tp > 1:  # the blocks' linears really are split
-                assert res[f"{case} sharded"] > 0
-        if dp > 1:
-            assert res["zero-1"] == [], f"rank {rank} zero-1: {res['zero-1']}"
+@pytest.mark.parametrize(
+    "layouts", [[(2, 1, 2), (1, 2, 2)], [(2, 2, 2)]], ids=["4 workers", "8 workers"]
+)
+def test_hybrid_matches_single_process(layouts: list[tuple[int, int, int]]) -> None:
+    """Each (dp, tp, pp) in turn; layouts of one size share a process group."""
+    dp, tp, pp = layouts[0]
+    results = run_workers(hw.hybrid_layouts, dp * tp * pp, layouts, timeout_s=300)
+    for rank, by_layout in enumerate(results):
+        for (dp, tp, _), res in zip(layouts, by_layout, strict=True):
+            for case in hw.TIED_GPT_CASES:
+                assert res[case] == [], f"rank {rank} {case}: {res[case]}"
+                if tp > 1:  # the blocks' linears really are split
+                    assert res[f"{case} sharded"] > 0
+            if dp > 1:
+                assert res["zero-1"] == [], f"rank {rank} zero-1: {res['zero-1']}"
 
 
 def test_layout_grid_is_tensor_parallel_innermost() -> None:

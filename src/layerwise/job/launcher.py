@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -164,6 +165,9 @@ def _entry(
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+    # the workers share this machine's cores, as the job's workers do (job/trainer.py): more
+    # threads each would only contend, and their spinning idle threads steal the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
