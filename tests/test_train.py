@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,9 +30,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def two_worker_runs(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("two")
+    runs: dict[str, Any] = run_workers(w.train_cases, 2, str(root), str(corpus), timeout_s=300)[0]
+    return runs
+
+
 @pytest.mark.timeout(400)
-def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: Path) -> None:
-    two = run_workers(w.train_cases, 2, str(tmp_path), str(corpus), timeout_s=300)[0]
+def test_layouts_agree_and_resume_equals_uninterrupted(
+    tmp_path: Path, corpus: Path, two_worker_runs: dict[str, Any]
+) -> None:
+    two = two_worker_runs
     one = run_workers(w.train_cases, 1, str(tmp_path), str(corpus), timeout_s=300)[0]
     reference = losses(one["1f1b m=1"])
     assert len(reference) == 4 and reference[-1] < reference[0]
@@ -73,11 +83,13 @@ def test_layouts_agree_and_resume_equals_uninterrupted(tmp_path: Path, corpus: P
     assert "predicted before training (calibrate)" in text
 
 
-@pytest.mark.timeout(300)
-def test_two_runs_side_by_side_attribute_the_difference(tmp_path: Path, corpus: Path) -> None:
+@pytest.mark.timeout(400)
+def test_two_runs_side_by_side_attribute_the_difference(
+    tmp_path: Path, corpus: Path, two_worker_runs: dict[str, Any]
+) -> None:
     from layerwise.job.compare import PARTS, compare, render_comparison
 
-    a = run_workers(w.one_run, 2, str(tmp_path / "p2"), str(corpus), timeout_s=200)[0]
+    a = two_worker_runs["1f1b m=4"]  # the same model, batch and 1F1B with 4 micro-batches
     b = run_workers(w.one_run, 4, str(tmp_path / "p4"), str(corpus), timeout_s=200)[0]
     report = compare(Path(a), Path(b))
     for run in report["runs"]:  # each run's parts add up to its measured median step
