@@ -81,4 +81,16 @@ def disagreeing_ranks(rank: int, world: int) -> dict[str, str]:
             out[case] = f"{time.perf_counter() - t0:.1f}s {err}"
     # the group is still usable afterwards
     out["after"] = str(_one_step(world, "1f1b"))
+    # a rank that never builds: the others give up after the pipeline's timeout, not the
+    # group's (which is long), naming the rank that is missing
+    t0 = time.perf_counter()
+    if rank == world - 1:
+        time.sleep(8)
+        out["absent"] = "slept"
+    else:
+        try:
+            lw.Pipeline(_layers(world), loss_fn=mse, timeout=2)
+            out["absent"] = "built"
+        except RuntimeError as err:
+            out["absent"] = f"{time.perf_counter() - t0:.1f}s {err}"
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from datetime import timedelta
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,12 +108,38 @@ def fingerprint(
     }
 
 
-def agree(mine: dict[str, Any], worker: int, group: dist.ProcessGroup | None) -> None:
+def arrive(worker: int, group: dist.ProcessGroup | None, timeout: float | None) -> None:
+    """Wait at most ``timeout`` seconds for every worker of ``group`` to start building.
+
+    The build's collectives are bounded only by the process group's own timeout, 30 minutes
+    by default for a group the user started; a rank that never builds its pipeline would
+    keep the others that long. gloo can wait with a bound of our choosing and name who is
+    missing; other backends keep their group's timeout."""
+    if timeout is None or dist.get_backend(group) != "gloo":
+        return
+    try:
+        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"worker {worker}: not every worker of the pipeline group started building it "
+            f"within {timeout:g}s ({str(err).splitlines()[0][:200]}); every rank of the group "
+            f"must build the Pipeline"
+        ) from err
+
+
+def agree(
+    mine: dict[str, Any],
+    worker: int,
+    group: dist.ProcessGroup | None,
+    timeout: float | None = None,
+) -> None:
     """Fail on every worker at once, naming the difference, unless all built alike.
 
     Without this, workers running different schedules wait for messages that never come
-    until the timeout. Collective over ``group``: one small gather when the pipeline is built.
+    until the timeout. Collective over ``group``: one small gather when the pipeline is built,
+    after every worker has arrived (at most ``timeout`` seconds, see :func:`arrive`).
     """
+    arrive(worker, group, timeout)
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     for other, theirs in enumerate(everyone):
@@ -334,7 +361,7 @@ def build(
     transport_cls = transport_class(p2p, group)  # bad p2p fails before anything is built
     if num_workers > 1:  # before any other collective, which would hang on a mismatch
         mine = fingerprint(sched, len(specs), balance, transport_cls.name, tied, skips)
-        agree(mine, worker, group)
+        agree(mine, worker, group, timeout)
     part = make_partition(specs, sched, balance, sample, group)
     stages = {
         s: build_stage(s, part, specs, seed, device, PRECISIONS[precision], parallelize)
