@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from datetime import timedelta
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
