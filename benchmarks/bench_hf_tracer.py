@@ -147,7 +147,7 @@ def attempt(fn: Any) -> tuple[Any, str | None]:
 def reference(model: nn.Module, a: argparse.Namespace) -> dict[str, Any]:
     """The unsplit model (a copy) trained on the same batches: its step losses, its step-1
     gradients under every name (a tied head under its own too), its loss at length 2."""
-    ref, losses, grads = copy.deepcopy(model), [], {}
+    ref, losses, grads = copy.deepcopy(model), [], dict[str, torch.Tensor]()
     opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     for step in range(a.steps):
         ids, labels = batch(step, a.rows, a.length)
@@ -258,7 +258,7 @@ def worker(rank: int, world: int, families: list[str], a: argparse.Namespace) ->
     warnings.filterwarnings("ignore", category=UserWarning)
     results: list[dict[str, Any]] = []
     for kind in families:
-        torch_side = results[-1]["torch"] if results else {"error": "none yet"}
+        torch_side: dict[str, Any] = results[-1]["torch"] if results else {"error": "none yet"}
         if torch_side["error"] or torch_side["second_length"]["error"]:  # (re)new its group
             group = dist.new_group(list(range(world)), timeout=timedelta(seconds=a.torch_timeout))
         t0 = time.perf_counter()

@@ -290,34 +290,35 @@ def replica_cases(rank: int, world: int) -> list[str]:
 
 
 def tensor_parallel_cases(rank: int, world: int, blocks: int) -> dict[str, list[str]]:
-    """Llama on 2 pipeline stages x 2 tensor-parallel ranks, every schedule, padded or not:
-    the loss and every gradient (sharded ones gathered) against the model's own."""
+    """Llama on 2 pipeline stages x 2 tensor-parallel ranks, with 1F1B (padded or not), ZB-H1
+    and interleaved 1F1B: the loss and every gradient (sharded ones gathered) against the
+    model's own."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("pp", "tp"))
     model = build_model(tiny_config("llama", blocks))
     results: dict[str, list[str]] = {}
-    for schedule in SCHEDULES:
-        for padded in (False, True):
-            inputs, labels = batch(padded)
-            ref_loss, ref_grads = reference(model, inputs, labels)
-            mine = copy.deepcopy(model)
-            family = hf_family(mine)
-            pipe = lw.Pipeline.from_hf(
-                mine, schedule=schedule, microbatches=4, group=mesh.get_group("pp"),
-                parallelize=lambda i, m, f=family: f.parallelize(i, m, mesh["tp"]),
-            )  # fmt: skip
-            loss = pipe.train_step(inputs if pipe.is_first else None,
-                                   labels if pipe.is_last else None)  # fmt: skip
-            for _, p in pipe.named_parameters():  # the whole of every sharded gradient
-                if p.grad is not None and hasattr(p.grad, "full_tensor"):
-                    p.grad = p.grad.full_tensor()
-            errors = compare(pipe, family, loss, ref_loss, ref_grads)
-            sharded = [n for n, p in pipe.named_parameters() if hasattr(p, "full_tensor")]
-            if not sharded:
-                errors.append("no parameter was sharded")
-            results[f"tp2 {schedule} {'padded' if padded else 'full'}"] = errors
+    cases = [("1f1b", False), ("1f1b", True), ("zb-h1", True), ("interleaved-1f1b", False)]
+    for schedule, padded in cases:
+        inputs, labels = batch(padded)
+        ref_loss, ref_grads = reference(model, inputs, labels)
+        mine = copy.deepcopy(model)
+        family = hf_family(mine)
+        pipe = lw.Pipeline.from_hf(
+            mine, schedule=schedule, microbatches=4, group=mesh.get_group("pp"),
+            parallelize=lambda i, m, f=family: f.parallelize(i, m, mesh["tp"]),
+        )  # fmt: skip
+        loss = pipe.train_step(inputs if pipe.is_first else None,
+                               labels if pipe.is_last else None)  # fmt: skip
+        for _, p in pipe.named_parameters():  # the whole of every sharded gradient
+            if p.grad is not None and hasattr(p.grad, "full_tensor"):
+                p.grad = p.grad.full_tensor()
+        errors = compare(pipe, family, loss, ref_loss, ref_grads)
+        sharded = [n for n, p in pipe.named_parameters() if hasattr(p, "full_tensor")]
+        if not sharded:
+            errors.append("no parameter was sharded")
+        results[f"tp2 {schedule} {'padded' if padded else 'full'}"] = errors
     return results
 
 

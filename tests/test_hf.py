@@ -76,8 +76,9 @@ def test_llama_on_four_workers_matches_the_model() -> None:
     """Four stages, then two stages of two tensor-parallel ranks, in one process group."""
     results = run_workers(hw.four_worker_cases, 4, timeout_s=300)
     for rank, res in enumerate(results):
+        assert len(res["pipeline"]) == len(hw.SCHEDULES) * 2
+        assert len(res["tensor parallel"]) == 4
         for part in ("pipeline", "tensor parallel"):
-            assert len(res[part]) == len(hw.SCHEDULES) * 2
             for case, errors in res[part].items():
                 assert errors == [], f"worker {rank}, {case}: {errors}"
 
@@ -333,3 +334,11 @@ def test_packed_rows_keep_each_document_to_itself() -> None:
 def test_replicas_count_tokens_not_batches(two_workers: list[dict[str, Any]]) -> None:
     for rank, res in enumerate(two_workers):
         assert res["replicas"] == [], f"worker {rank}: {res['replicas']}"
+
+
+def test_a_sequence_longer_than_learned_positions_says_so() -> None:
+    model = hw.build_model(hw.tiny_config("gpt2"))  # 32 positions
+    pipe = lw.Pipeline.from_hf(model, microbatches=1)
+    ids = torch.randint(0, hw.VOCAB, (2, 40))
+    with pytest.raises(RuntimeError, match="40 tokens is longer than the model's 32 positions"):
+        pipe.train_step(ids, ids)

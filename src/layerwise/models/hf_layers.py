@@ -258,6 +258,12 @@ class HFEmbedding(HFLayer):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> Carried:
+        limit = getattr(self.positions, "num_embeddings", None)  # learned positions (GPT-2)
+        if position_ids is None and limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(
+                f"a sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{limit} positions; cut the batch to {limit} tokens or fewer"
+            )
         hidden = self.tokens(input_ids)  # (B, T, C)
         pos = positions(hidden) if position_ids is None else position_ids
         if self.positions is not None:
