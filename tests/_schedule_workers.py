@@ -81,8 +81,13 @@ def auto_cases(
                 stages = 2 * world  # two stages per worker
                 fwd = [1.0 + (s == 1) for s in range(stages)]
                 costs = Costs.per_stage(fwd, [2 * f for f in fwd])
-                schedule = synthesize(costs, world, m, 1.5, placement=kind, chunks=2,
-                                      time_limit_s=None)  # fmt: skip
+                # one search, on the first rank (the others would repeat it on the same cores)
+                box: list[Any] = [None]
+                if torch.distributed.get_rank() == 0:
+                    box[0] = synthesize(costs, world, m, 1.5, placement=kind, chunks=2,
+                                        time_limit_s=None)  # fmt: skip
+                torch.distributed.broadcast_object_list(box, src=0)
+                schedule = box[0]
             for recompute in ("never", "except_last"):
                 with lw.Pipeline(mlp_layers(), schedule=schedule, microbatches=m, loss_fn=mse,
                                  recompute=recompute, p2p="channels") as pipe:  # fmt: skip
