@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from layerwise.schedules import Action, Schedule, dependencies
+from layerwise.schedules import Action, Schedule, dependencies, dependency_keys
 from layerwise.timeline import Event, Timeline
 
 
@@ -138,7 +138,7 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
         raise ValueError(
             f"costs describe {costs.num_stages} stages but the schedule has {schedule.num_stages}"
         )
-    finish: dict[Action, float] = {}
+    finish: dict[tuple[int, str, int], float] = {}
     free_at = [0.0] * schedule.num_workers
     events: list[Event] = []
     worker_of = schedule.stage_worker
@@ -146,14 +146,15 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
         action = schedule.actions[w][pos]
         ready = free_at[w]
         near = action.stage - 1 if action.kind == "F" else action.stage + 1
-        for dep in dependencies(action, schedule):
+        for dep in dependency_keys(action, schedule):
             arrive = finish[dep]
-            if worker_of[dep.stage] != w:
-                if dep.stage in (near, action.stage):
-                    arrive += costs.transfer(dep.stage, action.stage)
+            dep_stage = dep[0]
+            if worker_of[dep_stage] != w:
+                if dep_stage in (near, action.stage):
+                    arrive += costs.transfer(dep_stage, action.stage)
                 else:  # a skip, its own message (a skip to the next stage is costed as the
                     # activation that travels beside it)
-                    pair = (min(dep.stage, action.stage), max(dep.stage, action.stage))
+                    pair = (min(dep_stage, action.stage), max(dep_stage, action.stage))
                     arrive += costs.skip_transfer(*pair)
             ready = max(ready, arrive)
         end = ready + costs.duration(action)

@@ -50,6 +50,7 @@ from layerwise.schedules.text import from_csv, from_text, to_csv, to_text
 from layerwise.schedules.v_shape import v_half, v_min, zb_v
 from layerwise.schedules.validate import (
     dependencies,
+    dependency_keys,
     execution_order,
     stream_order_problems,
     validate,
@@ -71,6 +72,7 @@ __all__ = [
     "alternatives",
     "chunks_for",
     "dependencies",
+    "dependency_keys",
     "dualpipe_v",
     "execution_order",
     "forward_only",

@@ -18,21 +18,34 @@ def dependencies(action: Action, schedule: Schedule) -> list[Action]:
     F(a, m) to F(b, m)'s needs and the input gradient of (b, m) to (a, m)'s backward. The
     adjacent dependency always comes first.
     """
-    s, m = action.stage, action.microbatch
-    if action.kind == "F":
-        deps = [Action(s - 1, "F", m)] if s > 0 else []
+    return [Action(*key) for key in dependency_keys(action, schedule)]
+
+
+Key = tuple[int, Kind, int]  # an Action's fields: equal to it, and hashed alike
+
+
+def dependency_keys(action: Action, schedule: Schedule) -> list[Key]:
+    """:func:`dependencies` as plain tuples, which compare and hash as the Actions do.
+
+    The validator and the simulator ask this once or more for every action of schedules of
+    tens of thousands; plain tuples cost a fraction of making named ones."""
+    s, kind, m = action
+    deps: list[Key]
+    if kind == "F":
+        deps = [(s - 1, "F", m)] if s > 0 else []
         if schedule.skips:
-            deps += [Action(a, "F", m) for a in schedule.skip_sources.get(s, ())]
+            deps += [(a, "F", m) for a in schedule.skip_sources.get(s, ())]
         return deps
-    if action.kind == "W":
-        return [Action(s, "I", m)]
-    deps = [Action(s, "F", m)]
+    if kind == "W":
+        return [(s, "I", m)]
+    deps = [(s, "F", m)]
     later = [s + 1] if s + 1 < schedule.num_stages else []
     if schedule.skips:
         later += schedule.skip_targets.get(s, ())
+    split = schedule.split_stages
     for b in later:
-        grad_kind: Kind = "I" if schedule.splits_backward(b) else "B"
-        deps.append(Action(b, grad_kind, m))
+        grad: Kind = "I" if b in split else "B"
+        deps.append((b, grad, m))
     return deps
 
 
@@ -113,8 +126,8 @@ def execution_order(schedule: Schedule) -> list[tuple[int, int]]:
     each stuck worker and what it waits for if the schedule deadlocks.
     """
     pos = [0] * schedule.num_workers
-    done: set[Action] = set()
-    waiting: dict[Action, list[int]] = {}
+    done: set[Key] = set()
+    waiting: dict[Key, list[int]] = {}
     stack = list(range(schedule.num_workers - 1, -1, -1))
     order: list[tuple[int, int]] = []
     while stack:
@@ -122,7 +135,7 @@ def execution_order(schedule: Schedule) -> list[tuple[int, int]]:
         acts = schedule.actions[w]
         while pos[w] < len(acts):
             a = acts[pos[w]]
-            missing = next((d for d in dependencies(a, schedule) if d not in done), None)
+            missing = next((d for d in dependency_keys(a, schedule) if d not in done), None)
             if missing is not None:
                 waiting.setdefault(missing, []).append(w)
                 break
@@ -135,7 +148,7 @@ def execution_order(schedule: Schedule) -> list[tuple[int, int]]:
     return order
 
 
-def _deadlock(schedule: Schedule, pos: list[int], done: set[Action]) -> ScheduleError:
+def _deadlock(schedule: Schedule, pos: list[int], done: set[Key]) -> ScheduleError:
     """Return the error that names each stuck worker and the action it waits for."""
     where = {a: (w, i) for w, acts in enumerate(schedule.actions) for i, a in enumerate(acts)}
     lines = []
