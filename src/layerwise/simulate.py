@@ -173,19 +173,53 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
     )
 
 
-def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> Costs:
+def measured_costs(
+    timelines: Sequence[Timeline], schedule: Schedule, dispatch: float | None = None
+) -> Costs:
     """Return the costs a run of ``schedule`` actually had, read off measured timelines.
 
     Each stage gets its mean F, B (or I and W) duration, plus the worker's *dispatch* time:
     the median gap between two consecutive actions of a worker when the second one's inputs
     were already there, the runtime's own work between actions (posting receives, reaping
     sends, hooks), which the simulator has no other place for and which weighs more the more
-    and shorter the actions are. The point-to-point latency is the median hand-off: the delay
+    and shorter the actions are (``dispatch`` given: that instead, e.g. read off another run
+    with :func:`dispatch_time`). The point-to-point latency is the median hand-off: the delay
     from a remote dependency's end to the start of the action that was waiting for it,
     counted only where that worker had nothing else to do (else the delay is its own work,
     not the message's). Simulating ``schedule`` with these costs gives a prediction whose
     remaining gap to the measurement is contention and noise.
     """
+    durations, handoffs, gaps = _read(timelines, schedule)
+    if dispatch is None:
+        dispatch = statistics.median(gaps) if gaps else 0.0
+
+    def mean(kind: str) -> list[float]:
+        return [
+            statistics.fmean(durations.get((kind, s), [0.0])) + dispatch
+            if (kind, s) in durations
+            else 0.0
+            for s in range(schedule.num_stages)
+        ]
+
+    latency = statistics.median(handoffs) if handoffs else 0.0
+    if schedule.split_stages:
+        ig, wg = mean("I"), mean("W")
+        bwd = [i + w for i, w in zip(ig, wg, strict=True)]
+        return Costs.per_stage(mean("F"), bwd, ig, wg, comm_latency=latency)
+    return Costs.per_stage(mean("F"), mean("B"), comm_latency=latency)
+
+
+def dispatch_time(timelines: Sequence[Timeline], schedule: Schedule) -> float:
+    """Return the runtime's own time between two actions of a worker whose inputs were there
+    (the median such gap, see :func:`measured_costs`); 0 when no gap had its inputs ready."""
+    gaps = _read(timelines, schedule)[2]
+    return statistics.median(gaps) if gaps else 0.0
+
+
+def _read(
+    timelines: Sequence[Timeline], schedule: Schedule
+) -> tuple[dict[tuple[str, int], list[float]], list[float], list[float]]:
+    """(durations by (kind, stage), hand-offs, gaps with inputs ready) of measured timelines."""
     durations: dict[tuple[str, int], list[float]] = {}
     handoffs: list[float] = []
     gaps: list[float] = []  # between a worker's consecutive actions, inputs ready
@@ -212,20 +246,4 @@ def measured_costs(timelines: Sequence[Timeline], schedule: Schedule) -> Costs:
                 elif prev_end > -math.inf:
                     gaps.append(max(0.0, e.start - prev_end))
                 prev_end = e.end
-
-    dispatch = statistics.median(gaps) if gaps else 0.0
-
-    def mean(kind: str) -> list[float]:
-        return [
-            statistics.fmean(durations.get((kind, s), [0.0])) + dispatch
-            if (kind, s) in durations
-            else 0.0
-            for s in range(schedule.num_stages)
-        ]
-
-    latency = statistics.median(handoffs) if handoffs else 0.0
-    if schedule.split_stages:
-        ig, wg = mean("I"), mean("W")
-        bwd = [i + w for i, w in zip(ig, wg, strict=True)]
-        return Costs.per_stage(mean("F"), bwd, ig, wg, comm_latency=latency)
-    return Costs.per_stage(mean("F"), mean("B"), comm_latency=latency)
+    return durations, handoffs, gaps

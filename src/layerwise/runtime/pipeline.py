@@ -30,7 +30,7 @@ from layerwise.runtime.executor import (
 from layerwise.runtime.step import split_batch
 from layerwise.runtime.transport import LOSS_TAG
 from layerwise.schedules import Schedule, forward_only, sequential, validate
-from layerwise.simulate import Costs, measured_costs
+from layerwise.simulate import Costs, dispatch_time, measured_costs
 from layerwise.timeline import Event, Timeline
 
 
@@ -334,8 +334,12 @@ class Pipeline:
         Collective. Runs ``steps`` passes of one micro-batch of ``inputs``/``targets`` (the
         first of the ``m`` the schedule would cut) through the stages one after another
         (``schedules.sequential``): each stage's forward and backward (or I and W) alone, and
-        every message while its receiver has nothing else to do. Returns each stage's mean
-        costs and the median hand-off (``simulate.measured_costs``), so that
+        every message while its receiver has nothing else to do. Then two steps of the
+        schedule itself, on the whole batch (the second counted), for the runtime's own time between actions
+        (``simulate.dispatch_time``: posting receives, reaping sends; a pass of one
+        micro-batch has too few actions whose inputs are ready to tell, and the more stages a
+        worker holds, the more it weighs). Returns each stage's mean costs with that dispatch
+        time, and the median hand-off (``simulate.measured_costs``), so that
         ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
         or of any other with the same stages. Gradients, buffers (batch-norm statistics),
         random state and the gradient reducer are left as they were. On a machine where the
@@ -351,13 +355,19 @@ class Pipeline:
         training = self._training_run()
         run = Run(sequential(self.schedule), training.loss_fn, recompute,
                   loss_reduction=training.loss_reduction)  # fmt: skip
+        whole = Run(self.schedule, training.loss_fn, self.recompute,
+                    loss_reduction=training.loss_reduction)  # no reducer: replicas stay apart
         with _ModelStateKept(self):
             timelines = []
             for _ in range(steps + 1):  # the first pass exchanges shapes: not counted
                 self.zero_grad()
                 self.executor.run(run, x, y)
                 timelines.append(self.executor.timeline())
-        return measured_costs(timelines[1:], run.schedule)
+            for _ in range(2):  # the first one meets the batch's shapes: not counted
+                self.zero_grad()
+                self.executor.run(whole, inputs, targets)
+            dispatch = dispatch_time([self.executor.timeline()], self.schedule)
+        return measured_costs(timelines[1:], run.schedule, dispatch)
 
 
 class _ModelStateKept:
