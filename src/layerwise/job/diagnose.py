@@ -312,8 +312,8 @@ def render(report: dict[str, Any]) -> str:
     before = report.get("predicted_before_training_s")
     if before and report["median_step_s"]:
         shared = (
-            f"; {local} workers share {cores} cores here, which the calibration (one stage "
-            f"at a time) cannot see"
+            f"; {local} workers share {cores} cores here, which the calibration (each stage "
+            f"timed alone) cannot see"
             if oversubscribed
             else ""
         )

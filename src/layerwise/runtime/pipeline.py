@@ -343,7 +343,8 @@ class Pipeline:
         ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
         or of any other with the same stages. Gradients, buffers (batch-norm statistics),
         random state and the gradient reducer are left as they were. On a machine where the
-        workers outnumber the cores, a real step also waits for cores, which this cannot see.
+        workers outnumber the cores, a real step also waits for cores, which the stages' costs,
+        each timed alone, do not show.
         """
         if steps < 1:
             raise ValueError(f"calibrate needs at least one step, got {steps}")
