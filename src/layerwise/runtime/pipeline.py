@@ -335,10 +335,10 @@ class Pipeline:
         first of the ``m`` the schedule would cut) through the stages one after another
         (``schedules.sequential``): each stage's forward and backward (or I and W) alone, and
         every message while its receiver has nothing else to do. Then two steps of the
-        schedule itself, on the whole batch (the second counted), for the runtime's own time between actions
-        (``simulate.dispatch_time``: posting receives, reaping sends; a pass of one
-        micro-batch has too few actions whose inputs are ready to tell, and the more stages a
-        worker holds, the more it weighs). Returns each stage's mean costs with that dispatch
+        schedule itself, on the whole batch (the second counted), for the runtime's own time
+        between actions (``simulate.dispatch_time``: posting receives, reaping sends; a pass
+        of one micro-batch has too few actions whose inputs are ready to tell, and the more
+        stages a worker holds, the more it weighs). Returns each stage's mean costs with that dispatch
         time, and the median hand-off (``simulate.measured_costs``), so that
         ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
         or of any other with the same stages. Gradients, buffers (batch-norm statistics),
