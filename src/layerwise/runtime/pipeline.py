@@ -338,8 +338,8 @@ class Pipeline:
         schedule itself, on the whole batch (the second counted), for the runtime's own time
         between actions (``simulate.dispatch_time``: posting receives, reaping sends; a pass
         of one micro-batch has too few actions whose inputs are ready to tell, and the more
-        stages a worker holds, the more it weighs). Returns each stage's mean costs with that dispatch
-        time, and the median hand-off (``simulate.measured_costs``), so that
+        stages a worker holds, the more it weighs). Returns each stage's mean costs with that
+        dispatch time, and the median hand-off (``simulate.measured_costs``), so that
         ``lw.simulate(pipe.schedule, pipe.calibrate(x, y))`` predicts a step of this schedule,
         or of any other with the same stages. Gradients, buffers (batch-norm statistics),
         random state and the gradient reducer are left as they were. On a machine where the
@@ -356,8 +356,9 @@ class Pipeline:
         training = self._training_run()
         run = Run(sequential(self.schedule), training.loss_fn, recompute,
                   loss_reduction=training.loss_reduction)  # fmt: skip
-        whole = Run(self.schedule, training.loss_fn, self.recompute,
-                    loss_reduction=training.loss_reduction)  # no reducer: replicas stay apart
+        whole = Run(
+            self.schedule, training.loss_fn, self.recompute, loss_reduction=training.loss_reduction
+        )  # no reducer: replicas stay apart
         with _ModelStateKept(self):
             timelines = []
             for _ in range(steps + 1):  # the first pass exchanges shapes: not counted
