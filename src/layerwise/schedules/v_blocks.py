@@ -40,10 +40,12 @@ Slot = tuple[int, Kind, int]  # (worker, kind, chunk): one action of a block
 
 
 @lru_cache(maxsize=64)
-def tight_block(num_workers: int) -> dict[Slot, int]:
+def tight_block(num_workers: int, up_slack: int = 0) -> dict[Slot, int]:
     """Return the start time of each of micro-batch 0's actions in the tightest block: each
     one at the first unit after its input whose residue modulo ``INTERVAL`` its worker has
-    not used yet (see the module's picture)."""
+    not used yet (see the module's picture). ``up_slack`` units more before each forward of
+    the second chunks (on the way back up): longer lifespans, so more memory, and room for
+    the next micro-batches' forwards, so less idle time (v-half's block)."""
     p = num_workers
     used: list[set[int]] = [set() for _ in range(p)]
     times: dict[Slot, int] = {}
@@ -61,7 +63,7 @@ def tight_block(num_workers: int) -> dict[Slot, int]:
     for w in range(p):  # down the first chunks
         ready = place((w, "F", 0), ready)
     for w in reversed(range(p)):  # back up the second chunks to the loss on worker 0
-        ready = place((w, "F", 1), ready)
+        ready = place((w, "F", 1), ready + up_slack)
     for w in range(p):  # input gradients down the second chunks
         ready = place((w, "I", 1), ready)
     for w in reversed(range(p)):  # and up the first chunks
