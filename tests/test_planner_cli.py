@@ -106,3 +106,36 @@ def test_evaluate_json_keeps_its_keys_and_adds_the_split_and_mode(
     assert data["mode"] == "lora" and data["stage_layers"] == [12] * 8
     code, out, _ = run(EVALUATE.replace("--layers 96", "--layers 70") + " --json", capsys)
     assert code == 0 and sum(json.loads(out)["stage_layers"]) == 70  # pp=8 does not divide 70
+
+
+def test_local_prediction_with_shared_cores_is_the_busiest_worker_under_load() -> None:
+    from layerwise.models.gpt import GPTConfig, layer_parameter_counts
+    from layerwise.planner.local_probe import LoadedCosts
+
+    loaded = LoadedCosts(workers=8, block={1: 0.03, 2: 0.07, 4: 0.1, 8: 0.2}, embedding=0.002,
+                         head=0.004, optimizer_per_param=1e-8)  # fmt: skip
+    cost = LayerCost(0.002, 0.004, 200_000)
+    rows = {r["layout"]: r for r in predict_local(8, 128, 8, 128, 2, 32, workers=8, cost=cost,
+                                                    cores=2, loaded=loaded)}  # fmt: skip
+    counts = layer_parameter_counts(GPTConfig(seq_len=128, d_model=128, n_heads=8, n_layers=8))
+    # dp 8: every worker runs all ten layers for its 2 micro-batches, then its AdamW step
+    dp8 = rows["dp8 tp1 pp1 mb2"]
+    work = 2 * (0.002 + 8 * 0.03 + 0.004) + sum(counts) * 1e-8
+    grads = 2 * 7 / 8 * 4.0 * sum(counts) / 2e9  # the gradient all-reduce over 8 replicas
+    assert dp8["step_time_s"] == pytest.approx(work + grads)
+    assert dp8["oversubscribed"] and dp8["stage_layers"] == [10]
+    # tp 2 costs what the probe measured for a block split in two, per micro-batch
+    tp2 = rows["dp1 tp2 pp4 mb2"]
+    busiest = max(n for n in tp2["stage_layers"])
+    assert tp2["step_time_s"] > 16 * (busiest - 1) * 0.07
+    # every pp of 8 workers, and the split is by parameters, as the job's
+    assert {r["pp"] for r in rows.values()} == {1, 2, 4, 8}
+    assert rows["dp1 tp1 pp8 mb2"]["stage_layers"] == [2, 1, 1, 1, 1, 1, 1, 2]
+
+
+def test_local_prediction_takes_any_pipeline_depth() -> None:
+    cost = LayerCost(0.01, 0.02, 50_000)
+    rows = predict_local(5, 64, 2, 32, 2, 12, workers=3, cost=cost, cores=4)
+    by = {r["pp"]: r for r in rows if r["tp"] == 1}
+    assert set(by) == {1, 3}  # 3 does not divide the 5 blocks: it takes 7 layers in 3 stages
+    assert sum(by[3]["stage_layers"]) == 7 and not by[3]["oversubscribed"]

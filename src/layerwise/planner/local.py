@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from layerwise.models.family import ModelFamily
-from layerwise.models.gpt import GPTConfig, GPTFamily
-from layerwise.planner.bubble import pipeline_time
+from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts
+from layerwise.partition import partition
+from layerwise.planner.local_probe import LoadedCosts, probe_loaded
+from layerwise.schedules import generate
+from layerwise.simulate import Costs, simulate
 
 # Documented defaults for gloo over loopback between processes (not fitted).
 LOCAL_LATENCY_S = 100e-6
@@ -75,40 +80,89 @@ def _time_layer(layer: nn.Module, x: Tensor, repeats: int) -> LayerCost:
 def predict_local(
     layers: int, hidden: int, heads: int, seq: int, micro_batch: int, global_batch: int,
     workers: int, cost: LayerCost | None = None, schedule: str = "1f1b",
-    cores: int | None = None,
-) -> list[dict[str, float | int | str]]:  # fmt: skip
+    cores: int | None = None, loaded: LoadedCosts | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Returns predicted step seconds for each (dp, tp, pp) split of ``workers`` CPU
-    processes, fastest first. ``cost`` is measured when not given. Tensor parallelism divides
-    a block's compute by tp and adds its all-reduces (two per pass, one activation each).
+    processes, fastest first, for any pp up to the layers plus the embedding and the head
+    (split by parameters, as ``layerwise train`` does). ``cost`` (one block, timed alone) is
+    measured when not given.
 
-    With more workers than ``cores`` the workers share them: a step then takes at least the
-    whole job's compute divided by the cores, however the schedule overlaps it."""
+    With no more workers than ``cores``, each worker has a core: the schedule is simulated
+    with the block's cost (tensor parallelism divides it by tp and adds its all-reduces).
+    With more, the workers share the cores, and what a worker's layers take under that load
+    is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded`` gives it): the step
+    is then the busiest worker's work (its stages' layers for every micro-batch and its
+    optimizer step), which idle workers' bubbles do not delay, since a worker waiting for a
+    message hands its core to the others; and at least the simulated pipeline."""
     cores = cores or os.cpu_count() or 1
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
-    out: list[dict[str, float | int | str]] = []
+    tps = [t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0]
+    if workers > cores and loaded is None:
+        loaded = probe_loaded(workers, tps, hidden, heads, seq, micro_batch)
+    counts = layer_parameter_counts(
+        GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
+    )
+    out: list[dict[str, Any]] = []
     act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
     send = LOCAL_LATENCY_S + act_bytes / (LOCAL_GBPS * 1e9)
-    for tp in (t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0):
+    for tp in tps:
         # a ring all-reduce of one activation; a block does two in forward, two in backward
         ring = 2 * (tp - 1) * (LOCAL_LATENCY_S + act_bytes / tp / (LOCAL_GBPS * 1e9))
-        for pp in (p for p in range(1, workers // tp + 1)
-                   if (workers // tp) % p == 0 and layers % p == 0):  # fmt: skip
+        for pp in (p for p in range(1, min(workers // tp, layers + 2) + 1)
+                   if (workers // tp) % p == 0):  # fmt: skip
             dp = workers // (tp * pp)
             if global_batch % (dp * micro_batch):
                 continue
             m = global_batch // (dp * micro_batch)
-            per_stage = layers / pp
-            f = per_stage * (cost.forward / tp + 2 * ring) + (send if pp > 1 else 0.0)
-            b = per_stage * (cost.backward / tp + 2 * ring) + (send if pp > 1 else 0.0)
-            pipe, bubble = pipeline_time(schedule, pp, m, 1, f, b, 0.0)
-            if workers > cores:  # time-sliced: the busy time of all workers shares the cores
-                pipe = max(pipe, dp * tp * pp * m * (f + b) / cores)
-            grads = 4.0 * cost.params * layers / (pp * tp)  # fp32 gradients, ring all-reduce
+            split = partition(counts, pp).sizes
+            blocks = [_blocks_in(split, s, layers) for s in range(pp)]
+            f = [n * (cost.forward / tp + 2 * ring) + (send if pp > 1 else 0.0) for n in blocks]
+            b = [n * (cost.backward / tp + 2 * ring) + (send if pp > 1 else 0.0) for n in blocks]
+            timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
+            pipe, bubble = timeline.makespan(), timeline.bubble_fraction()
+            if loaded is not None:  # oversubscribed: the busiest worker, as measured loaded
+                pipe = max(pipe, _busiest(loaded, split, counts, layers, tp, m))
+            grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32, ring all-reduce
             allreduce = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
             out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                         "pp": pp, "num_microbatches": m, "step_time_s": pipe + allreduce,
-                        "bubble_fraction": bubble, "layer_forward_s": cost.forward,
-                        "layer_backward_s": cost.backward})  # fmt: skip
+                        "bubble_fraction": bubble, "stage_layers": list(split),
+                        "layer_forward_s": cost.forward, "layer_backward_s": cost.backward,
+                        "oversubscribed": loaded is not None})  # fmt: skip
     return sorted(out, key=lambda r: float(r["step_time_s"]))
+
+
+def _blocks_in(split: Sequence[int], stage: int, layers: int) -> int:
+    """Transformer blocks in ``stage`` of a split of [embedding, blocks..., head]."""
+    first = sum(split[:stage])
+    return sum(1 for i in range(first, first + split[stage]) if 1 <= i <= layers)
+
+
+def _params(split: Sequence[int], counts: Sequence[int], layers: int, tp: int) -> list[float]:
+    """Parameters each worker holds: blocks split over tp, embedding and head whole."""
+    out, first = [], 0
+    for n in split:
+        out.append(sum(c / tp if 1 <= i <= layers else c
+                       for i, c in enumerate(counts) if first <= i < first + n))  # fmt: skip
+        first += n
+    return out
+
+
+def _busiest(
+    loaded: LoadedCosts, split: Sequence[int], counts: Sequence[int], layers: int, tp: int,
+    m: int,
+) -> float:  # fmt: skip
+    """Seconds of the most loaded worker: m micro-batches through its layers and its
+    optimizer step, at the costs measured with the whole job busy."""
+    work, first = [], 0
+    params = _params(split, counts, layers, tp)
+    for stage, n in enumerate(split):
+        layer_s = sum(
+            loaded.embedding if i == 0 else loaded.head if i == layers + 1 else loaded.block[tp]
+            for i in range(first, first + n)
+        )
+        work.append(m * layer_s + params[stage] * loaded.optimizer_per_param)
+        first += n
+    return max(work)
