@@ -322,11 +322,23 @@ def tensor_parallel_cases(rank: int, world: int, blocks: int) -> dict[str, list[
     return results
 
 
+def tied_cases(rank: int, world: int, blocks: int) -> dict[str, list[str]]:
+    """GPT-2, whose head is tied to the token embedding, on ``world`` stages: the tied copies
+    sit on the first and the last worker."""
+    torch.set_num_threads(1)
+    model = build_model(tiny_config("gpt2", blocks))
+    cases = [("gpipe", True), ("1f1b", False), ("zb-h1", True), ("interleaved-1f1b", False)]
+    return {f"gpt2 {s} {'padded' if padded else 'full'}": run_case(model, s, padded)
+            for s, padded in cases}  # fmt: skip
+
+
 def four_worker_cases(rank: int, world: int) -> dict[str, Any]:
-    """Llama on four workers: four pipeline stages, then two stages x two tensor-parallel."""
+    """Llama on four workers: four pipeline stages, then two stages x two tensor-parallel;
+    and GPT-2 with its tied embedding and head on four stages."""
     return {
         "pipeline": hf_equivalence(rank, world, ["llama"], 6),
         "tensor parallel": tensor_parallel_cases(rank, world, 6),
+        "tied": tied_cases(rank, world, 6),
     }
 
 

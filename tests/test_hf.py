@@ -73,12 +73,13 @@ def test_checkpoints_are_read_stage_by_stage(two_workers: list[dict[str, Any]]) 
 
 @pytest.mark.timeout(400)
 def test_llama_on_four_workers_matches_the_model() -> None:
-    """Four stages, then two stages of two tensor-parallel ranks, in one process group."""
+    """Four stages, then two stages of two tensor-parallel ranks, then GPT-2's tied
+    embedding and head on the first and last of four workers, in one process group."""
     results = run_workers(hw.four_worker_cases, 4, timeout_s=300)
     for rank, res in enumerate(results):
         assert len(res["pipeline"]) == len(hw.SCHEDULES) * 2
-        assert len(res["tensor parallel"]) == 4
-        for part in ("pipeline", "tensor parallel"):
+        assert len(res["tensor parallel"]) == len(res["tied"]) == 4
+        for part in ("pipeline", "tensor parallel", "tied"):
             for case, errors in res[part].items():
                 assert errors == [], f"worker {rank}, {case}: {errors}"
 
