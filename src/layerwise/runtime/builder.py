@@ -275,6 +275,7 @@ def setup_ties(
     worker: int,
     group: dist.ProcessGroup | None,
     global_rank: Callable[[int], int],
+    timeout: float | None = None,
 ) -> list[Tie]:
     """Share tied parameters: one object for the copies on this worker, and a Tie with the
     other workers that hold copies. Ties talk point to point inside the pipeline group, so no
@@ -294,7 +295,7 @@ def setup_ties(
             _set_param(module, name, param)
         if len(holders) > 1:
             ranks = [global_rank(w) for w in holders]
-            tie = Tie(param, ranks, global_rank(worker), index)
+            tie = Tie(param, ranks, global_rank(worker), index, timeout)
             tie.sync_values(group)
             ties.append(tie)
     return ties
@@ -369,5 +370,5 @@ def build(
     }
     sched = route_skips(skips, sched, part, stages)
     transport = transport_cls.open(sched, worker, group, device, timeout)
-    ties = setup_ties(tied, sched, part, stages, worker, group, transport.global_rank)
+    ties = setup_ties(tied, sched, part, stages, worker, group, transport.global_rank, timeout)
     return Built(sched, part, stages, ties, transport, group, worker, device)

@@ -24,7 +24,7 @@ from layerwise.runtime.stage import output_grad_flags
 from layerwise.runtime.step import StageError, Step, describe_failure, free_sent, split_batch
 from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
-from layerwise.schedules import Action, Schedule, dependencies
+from layerwise.schedules import Action, Schedule, dependency_keys
 from layerwise.timeline import Event, Timeline
 
 RECOMPUTE_MODES = ("never", "always", "except_last")
@@ -255,9 +255,9 @@ class Executor:
         # the neighbouring stage's message only (skips are received when needed)
         near = a.stage - 1 if a.kind == "F" else a.stage + 1
         remote = [
-            sched.stage_worker[d.stage]
-            for d in dependencies(a, sched)
-            if d.stage == near and sched.stage_worker[d.stage] != worker
+            sched.stage_worker[stage]
+            for stage, _, _ in dependency_keys(a, sched)
+            if stage == near and sched.stage_worker[stage] != worker
         ]
         if not remote:
             return True

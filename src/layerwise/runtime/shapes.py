@@ -24,10 +24,6 @@ class PlanHistory:
         self.capacity = capacity
         self.plans: list[list[Any]] = []
 
-    @property
-    def last(self) -> list[Any] | None:
-        return self.plans[-1] if self.plans else None
-
     def code(self, plan: list[Any]) -> int:
         """What the first worker sends: 0 for the last step's plan, k for the k-th remembered
         one (1 is the oldest), -1 for a plan the others must be sent."""

@@ -3,6 +3,9 @@ used by three or more layers)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,31 +21,40 @@ class Tie:
     first holder's values win at the start; after each step every copy gets the sum of all
     copies' gradients, added in worker order so that every holder gets the same bits."""
 
-    def __init__(self, param: nn.Parameter, ranks: list[int], me: int, index: int = 0) -> None:
+    def __init__(
+        self, param: nn.Parameter, ranks: list[int], me: int, index: int = 0,
+        timeout_s: float | None = None,
+    ) -> None:  # fmt: skip
         self.param, self.ranks, self.me = param, ranks, me
         self.peers = [r for r in ranks if r != me]
         self.tag = TIE_TAG + 2 * (index % MAX_TIES)
+        # every wait on a peer is bounded by the pipeline's timeout, not the group's
+        self.timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+
+    def _wait(self, works: list[Any]) -> None:
+        for work in works:
+            if self.timeout is None:
+                work.wait()
+            elif work.wait(self.timeout) is False:
+                raise RuntimeError(
+                    f"rank {self.me}: no tied copy of a parameter from ranks {self.peers} "
+                    f"within {self.timeout.total_seconds():g}s; are they alive?"
+                )
 
     @property
     def leader(self) -> bool:
         return self.me == self.ranks[0]
-
-    @property
-    def peer(self) -> int:
-        """The other holder, for a tie between two workers."""
-        return self.peers[0]
 
     def sync_values(self, group: dist.ProcessGroup | None) -> None:
         """Make every copy start equal: the leader's values win."""
         with torch.no_grad():
             if self.leader:
                 value = self.param.data.contiguous()
-                works = [dist.isend(value, dst=r, group=group, tag=self.tag) for r in self.peers]
-                for work in works:
-                    work.wait()
+                self._wait([dist.isend(value, dst=r, group=group, tag=self.tag)
+                            for r in self.peers])  # fmt: skip
             else:
                 buf = torch.empty_like(self.param.data)
-                dist.recv(buf, src=self.ranks[0], group=group, tag=self.tag)
+                self._wait([dist.irecv(buf, src=self.ranks[0], group=group, tag=self.tag)])
                 self.param.data.copy_(buf)
 
     def sum_grads(self, group: dist.ProcessGroup | None) -> None:
@@ -52,8 +64,7 @@ class Tie:
         got = {r: torch.empty_like(mine) for r in self.peers}
         sends = [dist.isend(mine, dst=r, group=group, tag=self.tag + 1) for r in self.peers]
         recvs = [dist.irecv(got[r], src=r, group=group, tag=self.tag + 1) for r in self.peers]
-        for work in recvs + sends:
-            work.wait()
+        self._wait(recvs + sends)
         got[self.me] = mine
         total = got[self.ranks[0]]
         for r in self.ranks[1:]:  # a fixed order: every holder adds the same way
