@@ -8,10 +8,10 @@ from ``summary.json``). The micro-batch size is fixed (``--micro-batch`` sequenc
 number of micro-batches per step is ``batch / (dp * micro_batch)``.
 
 Next to the measurement it shows what ``layerwise plan --local`` predicts for the same
-split. ``predict_local`` only models dp x pp splits (1F1B, no tensor parallelism, transformer
-blocks only: no embedding, output layer, loss or optimizer step), so layouts with tp > 1
-have no prediction. The planner is run (as the CLI, ``--json``) before and after the
-training runs; the table shows the mean of the two.
+split (every dp x tp x pp, stages split by parameters as the job splits them; with more
+workers than cores, from a probe of the machine under the job's load, see
+``layerwise.planner.local_probe``). The planner is run (as the CLI, ``--json``) before and
+after the training runs; the table shows the median of its runs.
 
     .venv/bin/python benchmarks/bench_layouts.py --json runs/bench_layouts/results.json
 

@@ -141,22 +141,9 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
     finish: dict[tuple[int, str, int], float] = {}
     free_at = [0.0] * schedule.num_workers
     events: list[Event] = []
-    worker_of = schedule.stage_worker
     for w, pos in schedule.order:
         action = schedule.actions[w][pos]
-        ready = free_at[w]
-        near = action.stage - 1 if action.kind == "F" else action.stage + 1
-        for dep in dependency_keys(action, schedule):
-            arrive = finish[dep]
-            dep_stage = dep[0]
-            if worker_of[dep_stage] != w:
-                if dep_stage in (near, action.stage):
-                    arrive += costs.transfer(dep_stage, action.stage)
-                else:  # a skip, its own message (a skip to the next stage is costed as the
-                    # activation that travels beside it)
-                    pair = (min(dep_stage, action.stage), max(dep_stage, action.stage))
-                    arrive += costs.skip_transfer(*pair)
-            ready = max(ready, arrive)
+        ready = max(free_at[w], inputs_at(action, schedule, costs, finish))
         end = ready + costs.duration(action)
         finish[action] = end
         free_at[w] = end
@@ -171,6 +158,29 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
             "stages": schedule.num_stages,
         },
     )
+
+
+def inputs_at(
+    action: Action, schedule: Schedule, costs: Costs, finish: dict[tuple[int, str, int], float]
+) -> float:
+    """Return when every input of ``action`` is on its worker: each dependency's end in
+    ``finish`` (all must be there), plus the message's time when it ran on another worker."""
+    worker_of = schedule.stage_worker
+    w = worker_of[action.stage]
+    near = action.stage - 1 if action.kind == "F" else action.stage + 1
+    ready = 0.0
+    for dep in dependency_keys(action, schedule):
+        arrive = finish[dep]
+        dep_stage = dep[0]
+        if worker_of[dep_stage] != w:
+            if dep_stage in (near, action.stage):
+                arrive += costs.transfer(dep_stage, action.stage)
+            else:  # a skip, its own message (a skip to the next stage is costed as the
+                # activation that travels beside it)
+                pair = (min(dep_stage, action.stage), max(dep_stage, action.stage))
+                arrive += costs.skip_transfer(*pair)
+        ready = max(ready, arrive)
+    return ready
 
 
 def measured_costs(

@@ -23,6 +23,7 @@ from layerwise.partition import partition
 from layerwise.planner.local_probe import LoadedCosts, probe_loaded
 from layerwise.schedules import generate
 from layerwise.simulate import Costs, simulate
+from layerwise.simulate_shared import simulate_shared
 
 # Documented defaults for gloo over loopback between processes (not fitted).
 LOCAL_LATENCY_S = 100e-6
@@ -89,21 +90,25 @@ def predict_local(
 
     With no more workers than ``cores``, each worker has a core: the schedule is simulated
     with the block's cost (tensor parallelism divides it by tp and adds its all-reduces).
-    With more, the workers share the cores, and what a worker's layers take under that load
-    is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded`` gives it): the step
-    is then the busiest worker's work (its stages' layers for every micro-batch and its
-    optimizer step), which idle workers' bubbles do not delay, since a worker waiting for a
-    message hands its core to the others; and at least the simulated pipeline."""
+    With more, the workers share the cores, and what each part of a worker's work takes with
+    the whole job busy is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded``
+    gives it). The schedule is then simulated with the cores shared among the processes that
+    can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
+    leaves its share to the others), and the optimizer step and the gradients' all-reduce
+    follow, at their loaded costs."""
     cores = cores or os.cpu_count() or 1
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
     tps = [t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0]
-    if workers > cores and loaded is None:
-        loaded = probe_loaded(workers, tps, hidden, heads, seq, micro_batch)
     counts = layer_parameter_counts(
         GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
     )
+    if workers > cores and loaded is None:
+        dps = sorted({workers // t // p for t in tps for p in range(1, workers // t + 1)
+                      if (workers // t) % p == 0})  # fmt: skip
+        loaded = probe_loaded(workers, tps, dps, hidden, heads, seq, micro_batch,
+                              grad_bytes=4 * sum(counts))  # fmt: skip
     out: list[dict[str, Any]] = []
     act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
     send = LOCAL_LATENCY_S + act_bytes / (LOCAL_GBPS * 1e9)
@@ -117,21 +122,45 @@ def predict_local(
                 continue
             m = global_batch // (dp * micro_batch)
             split = partition(counts, pp).sizes
-            blocks = [_blocks_in(split, s, layers) for s in range(pp)]
-            f = [n * (cost.forward / tp + 2 * ring) + (send if pp > 1 else 0.0) for n in blocks]
-            b = [n * (cost.backward / tp + 2 * ring) + (send if pp > 1 else 0.0) for n in blocks]
-            timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
-            pipe, bubble = timeline.makespan(), timeline.bubble_fraction()
-            if loaded is not None:  # oversubscribed: the busiest worker, as measured loaded
-                pipe = max(pipe, _busiest(loaded, split, counts, layers, tp, m))
-            grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32, ring all-reduce
-            allreduce = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
+            grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32 bytes per worker
+            if loaded is None:
+                blocks = [_blocks_in(split, s, layers) for s in range(pp)]
+                hop = send if pp > 1 else 0.0
+                f = [n * (cost.forward / tp + 2 * ring) + hop for n in blocks]
+                b = [n * (cost.backward / tp + 2 * ring) + hop for n in blocks]
+                timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
+                # ring all-reduce of the gradients over the replicas
+                after = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
+            else:
+                f, b = _loaded_stages(loaded, split, layers, tp)
+                timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
+                                           cores, copies=dp * tp)  # fmt: skip
+                optimizer = max(_params(split, counts, layers, tp)) * loaded.optimizer_per_param
+                after = optimizer + loaded.allreduce_s(dp, grads)
             out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
-                        "pp": pp, "num_microbatches": m, "step_time_s": pipe + allreduce,
-                        "bubble_fraction": bubble, "stage_layers": list(split),
+                        "pp": pp, "num_microbatches": m,
+                        "step_time_s": timeline.makespan() + after,
+                        "bubble_fraction": timeline.bubble_fraction(),
+                        "stage_layers": list(split),
                         "layer_forward_s": cost.forward, "layer_backward_s": cost.backward,
                         "oversubscribed": loaded is not None})  # fmt: skip
     return sorted(out, key=lambda r: float(r["step_time_s"]))
+
+
+def _loaded_stages(
+    loaded: LoadedCosts, split: Sequence[int], layers: int, tp: int
+) -> tuple[list[float], list[float]]:
+    """Per-stage (forward, backward) seconds with the whole job busy: the stage's layers at
+    their probed costs, and a message on each side of a stage that has a neighbour there."""
+    fwd, bwd, first = [], [], 0
+    for stage, n in enumerate(split):
+        parts = [loaded.embedding if i == 0 else loaded.head if i == layers + 1
+                 else loaded.block[tp] for i in range(first, first + n)]  # fmt: skip
+        hops = (stage > 0) + (stage < len(split) - 1)
+        fwd.append(sum(f for f, _ in parts) + hops * loaded.message)
+        bwd.append(sum(b for _, b in parts) + hops * loaded.message)
+        first += n
+    return fwd, bwd
 
 
 def _blocks_in(split: Sequence[int], stage: int, layers: int) -> int:
@@ -148,21 +177,3 @@ def _params(split: Sequence[int], counts: Sequence[int], layers: int, tp: int) -
                        for i, c in enumerate(counts) if first <= i < first + n))  # fmt: skip
         first += n
     return out
-
-
-def _busiest(
-    loaded: LoadedCosts, split: Sequence[int], counts: Sequence[int], layers: int, tp: int,
-    m: int,
-) -> float:  # fmt: skip
-    """Seconds of the most loaded worker: m micro-batches through its layers and its
-    optimizer step, at the costs measured with the whole job busy."""
-    work, first = [], 0
-    params = _params(split, counts, layers, tp)
-    for stage, n in enumerate(split):
-        layer_s = sum(
-            loaded.embedding if i == 0 else loaded.head if i == layers + 1 else loaded.block[tp]
-            for i in range(first, first + n)
-        )
-        work.append(m * layer_s + params[stage] * loaded.optimizer_per_param)
-        first += n
-    return max(work)

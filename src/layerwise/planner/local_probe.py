@@ -1,85 +1,144 @@
 """A short probe of this machine under the load of a whole local job.
 
 When a job starts more worker processes than the machine has cores, each one's layers run
-slower than when timed alone, by more than workers / cores: the processes switch, share
-caches, and a tensor-parallel all-reduce waits until every member of its group is running
-at once, which on oversubscribed cores takes the scheduler's time slices, not the wire's.
-Neither is a constant worth guessing, so the probe measures them: it starts as many
-processes as the job would, and all of them at once run what a worker runs (the model's
-embedding, a block sharded over each tensor-parallel size the layouts use, the output layer
-with the loss, and an AdamW step), each timed from a common start. What one process then
-takes is what a worker of a fully busy job takes.
+slower than when timed alone, by more than workers / cores: the processes switch and share
+caches, and a collective (a tensor-parallel all-reduce, the gradients' all-reduce) or a
+message waits until its peers are scheduled, which on oversubscribed cores takes the
+scheduler's time slices, not the wire's. None of this is a constant worth guessing, so the
+probe measures it: it starts as many processes as the job would, and all of them at once run
+what a worker runs:
+
+- the model's embedding, a block and the output layer with the loss, forward and backward
+  apart, and an AdamW step, each in a loop over the same wall-clock window, so that every
+  process stays busy for the whole of every window;
+- a block sharded over each tensor-parallel size the layouts use;
+- a block's forward followed by a message to a partner process and one back, as two
+  neighbouring pipeline stages exchange an activation and its gradient;
+- an all-reduce over groups of each data-parallel size, of a small and of a large buffer.
+
+The costs it returns are seconds *with every process busy*, the unit
+:func:`layerwise.simulate_shared.simulate_shared` takes.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-REPEATS = 5
+WINDOW_S = 0.5  # per piece; every process is busy with it about this long
 
 
 @dataclass(frozen=True)
 class LoadedCosts:
-    """Seconds per micro-batch (forward and backward) with ``workers`` processes busy at once;
-    ``block`` by tensor-parallel size; ``optimizer_per_param``: one AdamW step, per
-    parameter."""
+    """Seconds per micro-batch with ``workers`` processes busy at once: ``(forward,
+    backward)`` of the embedding, a block by tensor-parallel size, and the output layer with
+    the loss; ``message``: one activation-sized message between two processes;
+    ``optimizer_per_param``: one AdamW step, per parameter; ``allreduce``: data-parallel
+    size -> (seconds of a tiny all-reduce, seconds per further byte)."""
 
     workers: int
-    block: dict[int, float]
-    embedding: float
-    head: float
+    embedding: tuple[float, float]
+    block: dict[int, tuple[float, float]]
+    head: tuple[float, float]
+    message: float
     optimizer_per_param: float
+    allreduce: dict[int, tuple[float, float]]
+
+    def allreduce_s(self, dp: int, nbytes: float) -> float:
+        """Seconds of an all-reduce of ``nbytes`` over ``dp`` processes, all groups at once."""
+        if dp <= 1:
+            return 0.0
+        fixed, per_byte = self.allreduce[dp]
+        return fixed + per_byte * nbytes
 
 
 def probe_loaded(
-    workers: int, tps: Sequence[int], hidden: int, heads: int, seq: int, micro_batch: int,
-    repeats: int = REPEATS,
+    workers: int, tps: Sequence[int], dps: Sequence[int], hidden: int, heads: int, seq: int,
+    micro_batch: int, grad_bytes: int, window_s: float = WINDOW_S,
 ) -> LoadedCosts:  # fmt: skip
     """Start ``workers`` processes and measure, with all of them busy, a GPT of these sizes:
-    its parts per micro-batch and a block over every tensor-parallel size in ``tps``."""
+    its parts per micro-batch, a block over every tensor-parallel size in ``tps``, a message,
+    and all-reduces over every data-parallel size in ``dps`` up to ``grad_bytes``."""
     from layerwise.job.launcher import run_workers
 
-    args = (tuple(tps), hidden, heads, seq, micro_batch, repeats)
+    args = (tuple(tps), tuple(dps), hidden, heads, seq, micro_batch, grad_bytes, window_s)
     results = run_workers(_probe, workers, *args, timeout_s=600)
 
-    def med(get: Callable[[dict[str, Any]], float]) -> float:
-        return statistics.median(get(r) for r in results)
-
-    def block(tp: int) -> float:
-        return statistics.median(float(r["block"][tp]) for r in results)
+    def med(key: str, sub: Any = None) -> tuple[float, float]:
+        pairs = [r[key] if sub is None else r[key][sub] for r in results]
+        return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs))
 
     return LoadedCosts(
         workers=workers,
-        block={tp: block(tp) for tp in tps},
-        embedding=med(lambda r: float(r["embedding"])),
-        head=med(lambda r: float(r["head"])),
-        optimizer_per_param=med(lambda r: float(r["optimizer_per_param"])),
+        embedding=med("embedding"),
+        block={tp: med("block", tp) for tp in tps},
+        head=med("head"),
+        message=statistics.median(float(r["message"]) for r in results),
+        optimizer_per_param=statistics.median(float(r["optimizer_per_param"]) for r in results),
+        allreduce={dp: med("allreduce", dp) for dp in dps if dp > 1},
     )
 
 
-def _timed(step: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``step`` after one warm-up, every process starting together."""
+def _nothing(_: Any) -> None:
+    """The backward of a piece that has none."""
+
+
+def _windowed(
+    forward: Callable[[], Any], backward: Callable[[Any], None], window: float
+) -> tuple[float, float]:
+    """Mean (forward, backward) seconds over a window that every process loops through."""
     import torch.distributed as dist
 
-    step()
+    backward(forward())  # warm-up
     dist.barrier()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    fwd = bwd = 0.0
+    count = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < window or count == 0:
+        t1 = time.perf_counter()
+        out = forward()
+        t2 = time.perf_counter()
+        backward(out)
+        fwd, bwd, count = fwd + t2 - t1, bwd + time.perf_counter() - t2, count + 1
+    return fwd / count, bwd / count
+
+
+def _collective(
+    forward: Callable[[], Any], backward: Callable[[Any], None], window: float, least: int = 3
+) -> tuple[float, float]:
+    """Mean (forward, backward) seconds of a piece with collectives or messages, whose
+    members must run it equally often: every process runs it as many times as the slowest
+    one's first run fits in the window (at least ``least``), so all stay busy about as long."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    backward(forward())  # warm-up, and a first measure of how long one takes
+    first = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    count = max(least, min(100, math.ceil(window / max(float(first), 1e-6))))
+    dist.barrier()
+    fwd = bwd = 0.0
+    for _ in range(count):
+        t1 = time.perf_counter()
+        out = forward()
+        t2 = time.perf_counter()
+        backward(out)
+        fwd, bwd = fwd + t2 - t1, bwd + time.perf_counter() - t2
+    return fwd / count, bwd / count
 
 
 def _probe(
-    rank: int, world: int, tps: tuple[int, ...], hidden: int, heads: int, seq: int,
-    micro_batch: int, repeats: int,
+    rank: int, world: int, tps: tuple[int, ...], dps: tuple[int, ...], hidden: int, heads: int,
+    seq: int, micro_batch: int, grad_bytes: int, window: float,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from layerwise.models.gpt import GPTConfig, GPTFamily, loss_fn
@@ -89,22 +148,59 @@ def _probe(
     embed, block, head = (factory() for factory in family.layers())
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq))
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
-    out: dict[str, Any] = {"block": {}}
-    out["embedding"] = _timed(lambda: embed(ids).sum().backward(), repeats)
-    out["head"] = _timed(lambda: loss_fn(head(x), ids).backward(), repeats)
-    for tp in tps:
-        layer = block
-        if tp > 1:
-            mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-            layer = family.parallelize(1, family.layers()[1](), mesh["tp"])
 
-        def step(module: torch.nn.Module = layer) -> None:
-            module(x).sum().backward()
+    def piece(forward: Callable[[], Any], collective: bool = False) -> tuple[float, float]:
+        timer = _collective if collective else _windowed
+        return timer(forward, lambda y: y.sum().backward(), window)
 
-        out["block"][tp] = _timed(step, repeats)
-    params = [p for p in block.parameters()]
+    out: dict[str, Any] = {"embedding": piece(lambda: embed(ids)),
+                           "head": piece(lambda: loss_fn(head(x), ids)),
+                           "block": {1: piece(lambda: block(x))}}  # fmt: skip
+    for tp in (t for t in tps if t > 1):  # every process builds every mesh, in one order
+        mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        sharded = family.parallelize(1, family.layers()[1](), mesh["tp"])
+        out["block"][tp] = piece(partial(sharded, x), collective=True)
+    out["message"] = _message(rank, world, block, x, window)
+    params = list(block.parameters())
     opt = torch.optim.AdamW(params)
     for p in params:
         p.grad = torch.ones_like(p)
-    out["optimizer_per_param"] = _timed(opt.step, repeats) / sum(p.numel() for p in params)
+    step = _windowed(opt.step, _nothing, window)[0]
+    out["optimizer_per_param"] = step / sum(p.numel() for p in params)
+    out["allreduce"] = {}
+    for dp in (d for d in dps if d > 1):
+        groups = [dist.new_group(list(range(g, g + dp))) for g in range(0, world, dp)]
+        mine = groups[rank // dp]
+        small, large = torch.zeros(1), torch.zeros(max(1, grad_bytes // 4))
+        tiny = _collective(partial(dist.all_reduce, small, group=mine), _nothing, window)[0]
+        big = _collective(partial(dist.all_reduce, large, group=mine), _nothing, window)[0]
+        out["allreduce"][dp] = (tiny, max(0.0, big - tiny) / max(1, 4 * large.numel() - 4))
     return out
+
+
+def _message(rank: int, world: int, block: Any, x: Any, window: float) -> float:
+    """Seconds of one activation-sized message between two busy processes: a block's forward
+    then an exchange with a partner (the next rank), less the forward alone."""
+    import torch
+    import torch.distributed as dist
+
+    partner = rank ^ 1
+    buf = torch.empty_like(x)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return block(x)
+
+    def exchange(y: Any) -> None:
+        if partner >= world:  # an odd process out computes only
+            return
+        if rank % 2 == 0:
+            dist.send(y, partner)
+            dist.recv(buf, partner)
+        else:
+            dist.recv(buf, partner)
+            dist.send(y, partner)
+
+    alone = _windowed(forward, _nothing, window)[0]
+    both = _collective(forward, exchange, window)
+    return max(0.0, (both[0] + both[1] - alone) / 2)
