@@ -117,15 +117,16 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     block = {1: (0.01, 0.02), 2: (0.02, 0.04), 4: (0.03, 0.05), 8: (0.06, 0.06)}
     reduce = {2: (0.003, 2e-9), 4: (0.004, 3e-9), 8: (0.005, 4e-9)}
     loaded = LoadedCosts(workers=8, embedding=(0.001, 0.001), block=block, head=(0.002, 0.002),
-                         message=0.001, optimizer_per_param=1e-8, allreduce=reduce)  # fmt: skip
+                         message=0.001, optimizer_per_param=1e-8, allreduce=reduce,
+                         pack_per_param=2e-9)  # fmt: skip
     cost = LayerCost(0.002, 0.004, 200_000)
     rows = {r["layout"]: r for r in predict_local(8, 128, 8, 128, 2, 32, workers=8, cost=cost,
                                                     cores=2, loaded=loaded)}  # fmt: skip
     counts = layer_parameter_counts(GPTConfig(seq_len=128, d_model=128, n_heads=8, n_layers=8))
     # dp 8: every worker is always busy with all ten layers for its 2 micro-batches, then its
-    # AdamW step and the gradients' all-reduce over 8 replicas, all at their loaded costs
+    # update, packing its gradients and their all-reduce over 8 replicas, all at loaded costs
     dp8 = rows["dp8 tp1 pp1 mb2"]
-    work = 2 * (0.002 + 8 * 0.03 + 0.004) + sum(counts) * 1e-8
+    work = 2 * (0.002 + 8 * 0.03 + 0.004) + sum(counts) * (1e-8 + 2e-9)
     assert dp8["step_time_s"] == pytest.approx(work + 0.005 + 4e-9 * 4 * sum(counts))
     assert dp8["oversubscribed"] and dp8["stage_layers"] == [10]
     # pp 8: workers in their bubbles leave their share of the cores to the others, so the

@@ -94,8 +94,8 @@ def predict_local(
     the whole job busy is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded``
     gives it). The schedule is then simulated with the cores shared among the processes that
     can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
-    leaves its share to the others), and the optimizer step and the gradients' all-reduce
-    follow, at their loaded costs."""
+    leaves its share to the others), and the update (gradient norm, clipping, AdamW; with
+    replicas, packing the gradients and their all-reduce) follows, at its loaded costs."""
     cores = cores or os.cpu_count() or 1
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -135,8 +135,8 @@ def predict_local(
                 f, b = _loaded_stages(loaded, split, layers, tp)
                 timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
                                            cores, copies=dp * tp)  # fmt: skip
-                optimizer = max(_params(split, counts, layers, tp)) * loaded.optimizer_per_param
-                after = optimizer + loaded.allreduce_s(dp, grads)
+                per_param = loaded.optimizer_per_param + (loaded.pack_per_param if dp > 1 else 0)
+                after = grads / 4 * per_param + loaded.allreduce_s(dp, grads)
             out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                         "pp": pp, "num_microbatches": m,
                         "step_time_s": timeline.makespan() + after,

@@ -9,7 +9,8 @@ probe measures it: it starts as many processes as the job would, and all of them
 what a worker runs:
 
 - the model's embedding, a block and the output layer with the loss, forward and backward
-  apart, and an AdamW step, each in a loop over the same wall-clock window, so that every
+  apart, and the update after the pipeline (the gradient's norm, clipping, AdamW, packing the
+  gradients for their all-reduce), each in a loop over the same wall-clock window, so that every
   process stays busy for the whole of every window;
 - a block sharded over each tensor-parallel size the layouts use;
 - a block's forward followed by a message to a partner process and one back, as two
@@ -38,8 +39,9 @@ class LoadedCosts:
     """Seconds per micro-batch with ``workers`` processes busy at once: ``(forward,
     backward)`` of the embedding, a block by tensor-parallel size, and the output layer with
     the loss; ``message``: one activation-sized message between two processes;
-    ``optimizer_per_param``: one AdamW step, per parameter; ``allreduce``: data-parallel
-    size -> (seconds of a tiny all-reduce, seconds per further byte)."""
+    ``optimizer_per_param``: the gradient's norm, clipping and an AdamW step, per parameter;
+    ``pack_per_param``: packing gradients for their all-reduce and back, per parameter;
+    ``allreduce``: data-parallel size -> (seconds of a tiny all-reduce, per further byte)."""
 
     workers: int
     embedding: tuple[float, float]
@@ -48,6 +50,7 @@ class LoadedCosts:
     message: float
     optimizer_per_param: float
     allreduce: dict[int, tuple[float, float]]
+    pack_per_param: float = 0.0
 
     def allreduce_s(self, dp: int, nbytes: float) -> float:
         """Seconds of an all-reduce of ``nbytes`` over ``dp`` processes, all groups at once."""
@@ -81,6 +84,7 @@ def probe_loaded(
         message=statistics.median(float(r["message"]) for r in results),
         optimizer_per_param=statistics.median(float(r["optimizer_per_param"]) for r in results),
         allreduce={dp: med("allreduce", dp) for dp in dps if dp > 1},
+        pack_per_param=statistics.median(float(r["pack_per_param"]) for r in results),
     )
 
 
@@ -161,12 +165,7 @@ def _probe(
         sharded = family.parallelize(1, family.layers()[1](), mesh["tp"])
         out["block"][tp] = piece(partial(sharded, x), collective=True)
     out["message"] = _message(rank, world, block, x, window)
-    params = list(block.parameters())
-    opt = torch.optim.AdamW(params)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    step = _windowed(opt.step, _nothing, window)[0]
-    out["optimizer_per_param"] = step / sum(p.numel() for p in params)
+    out["optimizer_per_param"], out["pack_per_param"] = _update(block, window)
     out["allreduce"] = {}
     for dp in (d for d in dps if d > 1):
         groups = [dist.new_group(list(range(g, g + dp))) for g in range(0, world, dp)]
@@ -176,6 +175,36 @@ def _probe(
         big = _collective(partial(dist.all_reduce, large, group=mine), _nothing, window)[0]
         out["allreduce"][dp] = (tiny, max(0.0, big - tiny) / max(1, 4 * large.numel() - 4))
     return out
+
+
+def _update(module: Any, window: float) -> tuple[float, float]:
+    """Seconds per parameter of what a worker does after its pipeline: the gradient's norm,
+    clipping and an AdamW step; and, with replicas, packing the gradients into one buffer for
+    their all-reduce and back."""
+    import torch
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    params = list(module.parameters())
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    grads = [p.grad for p in params]
+
+    def update() -> None:
+        norm = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5
+        for g in grads:
+            g.mul_(1.0 / max(1.0, norm))
+        opt.step()
+
+    def pack() -> None:
+        flat = _flatten_dense_tensors(grads)
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(avg)
+
+    count = sum(p.numel() for p in params)
+    return _windowed(update, _nothing, window)[0] / count, _windowed(pack, _nothing, window)[
+        0
+    ] / count
 
 
 def _message(rank: int, world: int, block: Any, x: Any, window: float) -> float:
