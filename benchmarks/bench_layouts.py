@@ -143,6 +143,16 @@ def block_times(runs: list[list[dict[str, Any]]]) -> str:
     )
 
 
+def merged(paths: list[str]) -> dict[tuple[int, int, int], list[float]]:
+    """(dp, tp, pp) -> the measured median step of each earlier run in ``paths``."""
+    out: dict[tuple[int, int, int], list[float]] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            step = r.get("this_run_step_time_s", r["step_time_s"])
+            out.setdefault((r["dp"], r["tp"], r["pp"]), []).append(float(step))
+    return out
+
+
 def layout_ok(dp: int, tp: int, pp: int, args: argparse.Namespace) -> str | None:
     """Return why the layout cannot run this model, or None."""
     if args.heads % tp or args.d_model % tp:
@@ -171,6 +181,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="layouts as dp,tp,pp (default all)")
     ap.add_argument("--out", default="runs/bench_layouts")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="results of earlier runs of the same layouts (--json files): "
+                         "the measured step is the median of those runs and this one")  # fmt: skip
     args = ap.parse_args()
 
     out = ROOT / args.out
@@ -206,10 +219,14 @@ def main() -> None:
     _, after = plan_repeated(plan, args.plan_repeats)
     pred = predictions(before + after)
 
+    earlier = merged(args.merge)
     rows = []
     for r in results:
         runs = pred.get((r["dp"], r["tp"], r["pp"]))
         p = statistics.median(runs) if runs else None
+        r["this_run_step_time_s"] = r["step_time_s"]
+        r["runs_step_time_s"] = [*earlier.get((r["dp"], r["tp"], r["pp"]), []), r["step_time_s"]]
+        r["step_time_s"] = statistics.median(r["runs_step_time_s"])
         r["predicted_step_time_s"] = p
         r["predicted_runs_s"] = runs
         rows.append([
@@ -218,7 +235,7 @@ def main() -> None:
             f"{r['peak_rss_max_mib']:.0f}", f"{r['peak_rss_mean_mib']:.0f}",
             f"{r['parameters_max'] / 1e3:.0f}k",
             f"{p:.3f} ({min(runs):.3f}-{max(runs):.3f})" if p and runs else "n/a (tp > 1)",
-            f"{r['step_time_s'] / p:.1f}x" if p else "",
+            f"{r['step_time_s'] / p:.2f}x" if p else "",
         ])  # fmt: skip
     headers = ["(dp, tp, pp)", "micro-batches", "step s (median)", "tokens/s", "idle",
                "peak RSS max MiB", "peak RSS mean MiB", "params/rank max",
@@ -228,6 +245,15 @@ def main() -> None:
     print()
     print(" ".join(plan_cmd))
     print(block_times(before + after))
+    for key, what in (("step_time_s", "measured"), ("this_run_step_time_s", "this run alone")):
+        ratios = [r[key] / r["predicted_step_time_s"] for r in results
+                  if r["predicted_step_time_s"]]  # fmt: skip
+        if ratios and (key == "step_time_s" or args.merge):
+            near = sum(1 for x in ratios if abs(x - 1) <= 0.15)
+            print(f"{what}: {near} of {len(ratios)} layouts within 15 % of the planner's median "
+                  f"(measured / planner {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if args.merge:
+        print(f"measured: median over {1 + len(args.merge)} runs (this one and --merge)")
     write_json(args.json, {"args": vars(args), "plan_command": " ".join(plan_cmd),
                            "plan_runs": before + after, "results": results,
                            "skipped": skipped})  # fmt: skip

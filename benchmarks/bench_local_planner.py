@@ -79,7 +79,7 @@ def main() -> None:
     rows = []
     for r in results:
         key = (r["workers"], MODEL["batch_size"] // r["microbatches"])
-        runs = predictions(plans[key]).get((1, r["workers"]), [])
+        runs = predictions(plans[key]).get((1, 1, r["workers"]), [])
         p = statistics.median(runs) if runs else None
         r["plan_command"] = plan_cmds[key]
         r["predicted_step_time_s"] = p
