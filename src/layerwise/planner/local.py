@@ -104,47 +104,52 @@ def predict_local(
     counts = layer_parameter_counts(
         GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
     )
+    grid = _grid(workers, tps, layers)
     if workers > cores and loaded is None:
-        dps = sorted({workers // t // p for t in tps for p in range(1, workers // t + 1)
-                      if (workers // t) % p == 0})  # fmt: skip
+        dps = sorted({dp for dp, _, _ in grid})
         loaded = probe_loaded(workers, tps, dps, hidden, heads, seq, micro_batch,
                               grad_bytes=4 * sum(counts))  # fmt: skip
     out: list[dict[str, Any]] = []
     act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
     send = LOCAL_LATENCY_S + act_bytes / (LOCAL_GBPS * 1e9)
-    for tp in tps:
+    for dp, tp, pp in grid:
         # a ring all-reduce of one activation; a block does two in forward, two in backward
         ring = 2 * (tp - 1) * (LOCAL_LATENCY_S + act_bytes / tp / (LOCAL_GBPS * 1e9))
-        for pp in (p for p in range(1, min(workers // tp, layers + 2) + 1)
-                   if (workers // tp) % p == 0):  # fmt: skip
-            dp = workers // (tp * pp)
-            if global_batch % (dp * micro_batch):
-                continue
-            m = global_batch // (dp * micro_batch)
-            split = partition(counts, pp).sizes
-            grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32 bytes per worker
-            if loaded is None:
-                blocks = [_blocks_in(split, s, layers) for s in range(pp)]
-                hop = send if pp > 1 else 0.0
-                f = [n * (cost.forward / tp + 2 * ring) + hop for n in blocks]
-                b = [n * (cost.backward / tp + 2 * ring) + hop for n in blocks]
-                timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
-                # ring all-reduce of the gradients over the replicas
-                after = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
-            else:
-                f, b = _loaded_stages(loaded, split, layers, tp)
-                timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
-                                           cores, copies=dp * tp)  # fmt: skip
-                per_param = loaded.optimizer_per_param + (loaded.pack_per_param if dp > 1 else 0)
-                after = grads / 4 * per_param + loaded.allreduce_s(dp, grads)
-            out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
-                        "pp": pp, "num_microbatches": m,
-                        "step_time_s": timeline.makespan() + after,
-                        "bubble_fraction": timeline.bubble_fraction(),
-                        "stage_layers": list(split),
-                        "layer_forward_s": cost.forward, "layer_backward_s": cost.backward,
-                        "oversubscribed": loaded is not None})  # fmt: skip
+        if global_batch % (dp * micro_batch):
+            continue
+        m = global_batch // (dp * micro_batch)
+        split = partition(counts, pp).sizes
+        grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32 bytes per worker
+        if loaded is None:
+            blocks = [_blocks_in(split, s, layers) for s in range(pp)]
+            hop = send if pp > 1 else 0.0
+            f = [n * (cost.forward / tp + 2 * ring) + hop for n in blocks]
+            b = [n * (cost.backward / tp + 2 * ring) + hop for n in blocks]
+            timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
+            # ring all-reduce of the gradients over the replicas
+            after = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
+        else:
+            f, b = _loaded_stages(loaded, split, layers, tp)
+            timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
+                                       cores, copies=dp * tp)  # fmt: skip
+            per_param = loaded.optimizer_per_param + (loaded.pack_per_param if dp > 1 else 0)
+            after = grads / 4 * per_param + loaded.allreduce_s(dp, grads)
+        out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
+                    "pp": pp, "num_microbatches": m,
+                    "step_time_s": timeline.makespan() + after,
+                    "bubble_fraction": timeline.bubble_fraction(),
+                    "stage_layers": list(split),
+                    "layer_forward_s": cost.forward, "layer_backward_s": cost.backward,
+                    "oversubscribed": loaded is not None})  # fmt: skip
     return sorted(out, key=lambda r: float(r["step_time_s"]))
+
+
+def _grid(workers: int, tps: Sequence[int], layers: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) split of ``workers`` with tp in ``tps`` and at most one stage per
+    layer (the blocks, the embedding and the head)."""
+    return [(workers // (tp * pp), tp, pp) for tp in tps
+            for pp in range(1, min(workers // tp, layers + 2) + 1)
+            if (workers // tp) % pp == 0]  # fmt: skip
 
 
 def _loaded_stages(
