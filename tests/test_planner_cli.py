@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -142,6 +143,14 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     # tensor parallelism costs what the probe measured for a block split tp ways
     tp2, tp4 = rows["dp4 tp2 pp1 mb2"], rows["dp2 tp4 pp1 mb2"]
     assert tp2["step_time_s"] > 4 * 8 * 0.06 and tp4["step_time_s"] > 8 * 8 * 0.08
+    # sharded blocks' parameters are updated at their own measured cost per parameter held
+    dearer = dataclasses.replace(loaded, sharded_update_per_param={2: 1e-6})
+    again = {r["layout"]: r for r in predict_local(8, 128, 8, 128, 2, 32, workers=8, cost=cost,
+                                                     cores=2, loaded=dearer)}  # fmt: skip
+    held = sum(counts[1:9]) / 2  # a dp4 tp2 worker holds half of every block
+    extra = again["dp4 tp2 pp1 mb2"]["step_time_s"] - tp2["step_time_s"]
+    assert extra == pytest.approx(held * (1e-6 - 1e-8))
+    assert again["dp8 tp1 pp1 mb2"]["step_time_s"] == dp8["step_time_s"]
     # every pp of 8 workers, and the split is by parameters, as the job's
     assert {r["pp"] for r in rows.values()} == {1, 2, 4, 8}
 
@@ -158,13 +167,18 @@ def test_local_prediction_takes_any_pipeline_depth() -> None:
 def test_the_probe_measures_every_part_with_all_processes_busy() -> None:
     from layerwise.planner.local_probe import probe_loaded
 
-    # three processes on this machine's cores, a block split three ways, replicas of three
+    # three processes on this machine's cores, blocks split three ways (timed two in a row),
+    # replicas of three
     got = probe_loaded(3, tps=[1, 3], dps=[1, 3], hidden=48, heads=3, seq=16, micro_batch=1,
-                       grad_bytes=64_000, window_s=0.1)  # fmt: skip
+                       grad_bytes=64_000, window_s=0.1, chain=2)  # fmt: skip
     assert got.workers == 3 and set(got.block) == {1, 3} and set(got.allreduce) == {3}
     for fwd, bwd in (got.embedding, got.head, *got.block.values()):
         assert 0 < fwd < 1 and 0 < bwd < 1
     assert got.message >= 0 and 0 < got.optimizer_per_param < 1e-3
+    assert set(got.sharded_update_per_param) == {3} and 0 < got.sharded_update_per_param[3] < 1
     fixed, per_byte = got.allreduce[3]
     assert fixed > 0 and per_byte >= 0
     assert got.allreduce_s(3, 64_000) >= fixed and got.allreduce_s(1, 64_000) == 0
+    with pytest.raises(ValueError, match="chain must be at least 1"):
+        probe_loaded(3, tps=[1], dps=[1], hidden=48, heads=3, seq=16, micro_batch=1,
+                     grad_bytes=64_000, chain=0)  # fmt: skip

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from layerwise.models.family import ModelFamily
 from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts
 from layerwise.partition import partition
-from layerwise.planner.local_probe import LoadedCosts, probe_loaded
+from layerwise.planner.local_probe import CHAIN, LoadedCosts, probe_loaded
 from layerwise.schedules import generate
 from layerwise.simulate import Costs, simulate
 from layerwise.simulate_shared import simulate_shared
@@ -108,7 +108,7 @@ def predict_local(
     if workers > cores and loaded is None:
         dps = sorted({dp for dp, _, _ in grid})
         loaded = probe_loaded(workers, tps, dps, hidden, heads, seq, micro_batch,
-                              grad_bytes=4 * sum(counts))  # fmt: skip
+                              grad_bytes=4 * sum(counts), chain=min(CHAIN, layers))  # fmt: skip
     out: list[dict[str, Any]] = []
     act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
     send = LOCAL_LATENCY_S + act_bytes / (LOCAL_GBPS * 1e9)
@@ -132,8 +132,7 @@ def predict_local(
             f, b = _loaded_stages(loaded, split, layers, tp)
             timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
                                        cores, copies=dp * tp)  # fmt: skip
-            per_param = loaded.optimizer_per_param + (loaded.pack_per_param if dp > 1 else 0)
-            after = grads / 4 * per_param + loaded.allreduce_s(dp, grads)
+            after = _update_s(loaded, split, counts, layers, tp, dp) + loaded.allreduce_s(dp, grads)
         out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                     "pp": pp, "num_microbatches": m,
                     "step_time_s": timeline.makespan() + after,
@@ -166,6 +165,26 @@ def _loaded_stages(
         bwd.append(sum(b for _, b in parts) + hops * loaded.message)
         first += n
     return fwd, bwd
+
+
+def _update_s(
+    loaded: LoadedCosts, split: Sequence[int], counts: Sequence[int], layers: int, tp: int,
+    dp: int,
+) -> float:  # fmt: skip
+    """Seconds of the slowest worker's update after its pipeline, with the whole job busy:
+    the gradient norm, clipping and AdamW of its parameters (sharded blocks at the sharded
+    cost), and with replicas, packing its gradients for their all-reduce."""
+    plain = loaded.optimizer_per_param
+    sharded = loaded.sharded_update_per_param.get(tp, plain) if tp > 1 else plain
+    pack = loaded.pack_per_param if dp > 1 else 0.0
+    worst, first = 0.0, 0
+    for n in split:
+        mine = range(first, first + n)
+        blocks = sum(counts[i] / tp for i in mine if 1 <= i <= layers)
+        others = sum(counts[i] for i in mine if not 1 <= i <= layers)
+        worst = max(worst, blocks * (sharded + pack) + others * (plain + pack))
+        first += n
+    return worst
 
 
 def _blocks_in(split: Sequence[int], stage: int, layers: int) -> int:

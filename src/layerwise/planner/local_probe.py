@@ -12,7 +12,14 @@ what a worker runs:
   apart, and the update after the pipeline (the gradient's norm, clipping, AdamW, packing the
   gradients for their all-reduce), each in a loop over the same wall-clock window, so that every
   process stays busy for the whole of every window;
-- a block sharded over each tensor-parallel size the layouts use;
+- a block sharded over each tensor-parallel size the layouts use.
+
+Blocks are timed as a short chain (``chain`` of them, forward then backward), as a stage runs
+them, and the cost per block is the chain's divided by its length. A single sharded block
+timed on its own costs 1.3-1.6x more per block than the same block in a chain of 2, 4 or 8
+(measured with 8 processes on 2 cores, for tensor-parallel sizes 2, 4 and 8; chains of 2 to 8
+agree with each other within the runs' noise, and an unsharded block shows no difference),
+so a lone block would over-state every tensor-parallel stage;
 - a block's forward followed by a message to a partner process and one back, as two
   neighbouring pipeline stages exchange an activation and its gradient;
 - an all-reduce over groups of each data-parallel size, of a small and of a large buffer.
@@ -27,11 +34,12 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 WINDOW_S = 0.5  # per piece; every process is busy with it about this long
+CHAIN = 4  # blocks timed in a row, as a stage runs them
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,10 @@ class LoadedCosts:
     the loss; ``message``: one activation-sized message between two processes;
     ``optimizer_per_param``: the gradient's norm, clipping and an AdamW step, per parameter;
     ``pack_per_param``: packing gradients for their all-reduce and back, per parameter;
-    ``allreduce``: data-parallel size -> (seconds of a tiny all-reduce, per further byte)."""
+    ``allreduce``: data-parallel size -> (seconds of a tiny all-reduce, per further byte);
+    ``sharded_update_per_param``: tensor-parallel size -> the update's seconds per parameter a
+    rank holds of blocks sharded that many ways (their parameters are DTensors, whose every
+    optimizer operation pays a dispatch that plain tensors do not)."""
 
     workers: int
     embedding: tuple[float, float]
@@ -51,6 +62,7 @@ class LoadedCosts:
     optimizer_per_param: float
     allreduce: dict[int, tuple[float, float]]
     pack_per_param: float = 0.0
+    sharded_update_per_param: dict[int, float] = field(default_factory=dict)
 
     def allreduce_s(self, dp: int, nbytes: float) -> float:
         """Seconds of an all-reduce of ``nbytes`` over ``dp`` processes, all groups at once."""
@@ -62,14 +74,17 @@ class LoadedCosts:
 
 def probe_loaded(
     workers: int, tps: Sequence[int], dps: Sequence[int], hidden: int, heads: int, seq: int,
-    micro_batch: int, grad_bytes: int, window_s: float = WINDOW_S,
+    micro_batch: int, grad_bytes: int, window_s: float = WINDOW_S, chain: int = CHAIN,
 ) -> LoadedCosts:  # fmt: skip
     """Start ``workers`` processes and measure, with all of them busy, a GPT of these sizes:
-    its parts per micro-batch, a block over every tensor-parallel size in ``tps``, a message,
-    and all-reduces over every data-parallel size in ``dps`` up to ``grad_bytes``."""
+    its parts per micro-batch, a block over every tensor-parallel size in ``tps`` (in a row
+    of ``chain`` blocks), a message, and all-reduces over every data-parallel size in ``dps``
+    up to ``grad_bytes``."""
     from layerwise.job.launcher import run_workers
 
-    args = (tuple(tps), tuple(dps), hidden, heads, seq, micro_batch, grad_bytes, window_s)
+    if chain < 1:
+        raise ValueError(f"chain must be at least 1 block, got {chain}")
+    args = (tuple(tps), tuple(dps), hidden, heads, seq, micro_batch, grad_bytes, window_s, chain)
     results = run_workers(_probe, workers, *args, timeout_s=600)
 
     def med(key: str, sub: Any = None) -> tuple[float, float]:
@@ -85,6 +100,11 @@ def probe_loaded(
         optimizer_per_param=statistics.median(float(r["optimizer_per_param"]) for r in results),
         allreduce={dp: med("allreduce", dp) for dp in dps if dp > 1},
         pack_per_param=statistics.median(float(r["pack_per_param"]) for r in results),
+        sharded_update_per_param={
+            tp: statistics.median(float(r["sharded_update"][tp]) for r in results)
+            for tp in tps
+            if tp > 1
+        },
     )
 
 
@@ -127,8 +147,9 @@ def _collective(
     import torch
     import torch.distributed as dist
 
+    backward(forward())  # warm-up: the first run after a new process group is slower
     t0 = time.perf_counter()
-    backward(forward())  # warm-up, and a first measure of how long one takes
+    backward(forward())  # a first measure of how long one takes
     first = torch.tensor([time.perf_counter() - t0])
     dist.all_reduce(first, op=dist.ReduceOp.MAX)
     count = max(least, min(100, math.ceil(window / max(float(first), 1e-6))))
@@ -142,10 +163,11 @@ def _collective(
 
 def _probe(
     rank: int, world: int, tps: tuple[int, ...], dps: tuple[int, ...], hidden: int, heads: int,
-    seq: int, micro_batch: int, grad_bytes: int, window: float,
+    seq: int, micro_batch: int, grad_bytes: int, window: float, chain: int,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
     import torch.distributed as dist
+    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
     from layerwise.models.gpt import GPTConfig, GPTFamily, loss_fn
@@ -160,13 +182,20 @@ def _probe(
         timer = _collective if collective else _windowed
         return timer(forward, lambda y: y.sum().backward(), window)
 
+    def per_block(fwd_bwd: tuple[float, float]) -> tuple[float, float]:
+        return fwd_bwd[0] / chain, fwd_bwd[1] / chain
+
+    blocks = nn.Sequential(*(family.layers()[1]() for _ in range(chain)))
     out: dict[str, Any] = {"embedding": piece(lambda: embed(ids)),
                            "head": piece(lambda: loss_fn(head(x), ids)),
-                           "block": {1: piece(lambda: block(x))}}  # fmt: skip
+                           "block": {1: per_block(piece(partial(blocks, x)))}}  # fmt: skip
+    out["sharded_update"] = {}
     for tp in (t for t in tps if t > 1):  # every process builds every mesh, in one order
         mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        sharded = family.parallelize(1, family.layers()[1](), mesh["tp"])
-        out["block"][tp] = piece(partial(sharded, x), collective=True)
+        sharded = nn.Sequential(*(family.parallelize(1, family.layers()[1](), mesh["tp"])
+                                  for _ in range(chain)))  # fmt: skip
+        out["block"][tp] = per_block(piece(partial(sharded, x), collective=True))
+        out["sharded_update"][tp] = _update(sharded, window)[0]
     out["message"] = _message(rank, world, block, x, window)
     out["optimizer_per_param"], out["pack_per_param"] = _update(block, window)
     out["allreduce"] = {}
@@ -187,24 +216,27 @@ def _update(module: Any, window: float) -> tuple[float, float]:
     import torch
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    from layerwise.parallel.data import local_tensor
+
     params = list(module.parameters())
     opt = torch.optim.AdamW(params)
     for p in params:
         p.grad = torch.ones_like(p)
     grads = [p.grad for p in params]
+    local = [local_tensor(g) for g in grads]  # what this rank holds of each (a shard)
 
-    def update() -> None:
-        norm = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5
+    def update() -> None:  # as the trainer does it: the norm of the local parts, then clip
+        norm = sum(float(g.double().pow(2).sum()) for g in local) ** 0.5
         for g in grads:
             g.mul_(1.0 / max(1.0, norm))
         opt.step()
 
     def pack() -> None:
-        flat = _flatten_dense_tensors(grads)
-        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        flat = _flatten_dense_tensors(local)
+        for g, avg in zip(local, _unflatten_dense_tensors(flat, local), strict=True):
             g.copy_(avg)
 
-    count = sum(p.numel() for p in params)
+    count = sum(g.numel() for g in local)
     update_s = _windowed(update, _nothing, window)[0]
     pack_s = _windowed(pack, _nothing, window)[0]
     return update_s / count, pack_s / count
