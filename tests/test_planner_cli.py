@@ -155,6 +155,26 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     assert {r["pp"] for r in rows.values()} == {1, 2, 4, 8}
 
 
+def test_plan_local_says_before_it_probes_a_busy_machine(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import layerwise.planner.local as local
+
+    asked: dict[str, object] = {}
+
+    def fake(**kwargs: object) -> list[dict[str, object]]:
+        asked.update(kwargs)
+        return [{"layout": "dp8 tp1 pp1 mb2", "step_time_s": 0.5}]
+
+    monkeypatch.setattr(local, "predict_local", fake)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    code, out, err = run("--local --workers 8 --json", capsys)
+    assert code == 0 and json.loads(out)[0]["step_time_s"] == 0.5  # stdout stays JSON
+    assert "8 workers share 2 cores: probing" in err and asked["workers"] == 8
+    code, _, err = run("--local --workers 2 --json", capsys)
+    assert code == 0 and "probing" not in err  # a core each: nothing to probe
+
+
 def test_local_prediction_takes_any_pipeline_depth() -> None:
     cost = LayerCost(0.01, 0.02, 50_000)
     rows = predict_local(5, 64, 2, 32, 2, 12, workers=3, cost=cost, cores=4)
