@@ -12,17 +12,17 @@ what a worker runs:
   apart, and the update after the pipeline (the gradient's norm, clipping, AdamW, packing the
   gradients for their all-reduce), each in a loop over the same wall-clock window, so that every
   process stays busy for the whole of every window;
-- a block sharded over each tensor-parallel size the layouts use.
+- a block sharded over each tensor-parallel size the layouts use, and its update;
+- a block's forward followed by a message to a partner process and one back, as two
+  neighbouring pipeline stages exchange an activation and its gradient;
+- an all-reduce over groups of each data-parallel size, of a small and of a large buffer.
 
 Blocks are timed as a short chain (``chain`` of them, forward then backward), as a stage runs
 them, and the cost per block is the chain's divided by its length. A single sharded block
 timed on its own costs 1.3-1.6x more per block than the same block in a chain of 2, 4 or 8
 (measured with 8 processes on 2 cores, for tensor-parallel sizes 2, 4 and 8; chains of 2 to 8
 agree with each other within the runs' noise, and an unsharded block shows no difference),
-so a lone block would over-state every tensor-parallel stage;
-- a block's forward followed by a message to a partner process and one back, as two
-  neighbouring pipeline stages exchange an activation and its gradient;
-- an all-reduce over groups of each data-parallel size, of a small and of a large buffer.
+so a lone block would over-state every tensor-parallel stage.
 
 The costs it returns are seconds *with every process busy*, the unit
 :func:`layerwise.simulate_shared.simulate_shared` takes.
