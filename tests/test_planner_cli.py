@@ -159,20 +159,27 @@ def test_plan_local_says_before_it_probes_a_busy_machine(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import layerwise.planner.local as local
+    from layerwise.planner.local_probe import LoadedCosts
 
     asked: dict[str, object] = {}
 
-    def fake(**kwargs: object) -> list[dict[str, object]]:
-        asked.update(kwargs)
-        return [{"layout": "dp8 tp1 pp1 mb2", "step_time_s": 0.5}]
+    def fake_probe(workers: int, tps: list[int], dps: list[int], *_: object,
+                   **__: object) -> LoadedCosts:  # fmt: skip
+        asked["workers"] = workers
+        return LoadedCosts(workers=workers, embedding=(1e-3, 1e-3),
+                           block={tp: (1e-2, 2e-2) for tp in tps}, head=(1e-3, 1e-3),
+                           message=1e-3, optimizer_per_param=1e-8,
+                           allreduce={dp: (1e-3, 1e-9) for dp in dps if dp > 1})  # fmt: skip
 
-    monkeypatch.setattr(local, "predict_local", fake)
+    monkeypatch.setattr(local, "probe_loaded", fake_probe)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     code, out, err = run("--local --workers 8 --json", capsys)
-    assert code == 0 and json.loads(out)[0]["step_time_s"] == 0.5  # stdout stays JSON
+    rows = json.loads(out)  # stdout stays JSON
+    assert code == 0 and rows and all(r["oversubscribed"] for r in rows)
     assert "8 workers share 2 cores: probing" in err and asked["workers"] == 8
+    asked.clear()
     code, _, err = run("--local --workers 2 --json", capsys)
-    assert code == 0 and "probing" not in err  # a core each: nothing to probe
+    assert code == 0 and "probing" not in err and not asked  # a core each: nothing to probe
 
 
 def test_local_prediction_takes_any_pipeline_depth() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 from typing import Any
@@ -268,15 +267,11 @@ def run_local(args: argparse.Namespace) -> int:
     model = ModelSpec("local", size("layers"), size("hidden"), size("heads"), size("seq"), 256)
     train = TrainSpec(16 if args.global_batch is None else args.global_batch)
     micro_batch = fixed_from_args(args).micro_batch or 2
-    cores = os.cpu_count() or 1
-    if args.workers > cores:  # the probe runs a while with every core busy: say so first
-        print(f"{args.workers} workers share {cores} cores: probing this machine with "
-              f"{args.workers} busy processes (about half a minute)...",
-              file=sys.stderr, flush=True)  # fmt: skip
     rows = predict_local(
         layers=model.layers, hidden=model.hidden, heads=model.heads, seq=model.seq,
         micro_batch=micro_batch, global_batch=train.global_batch, workers=args.workers,
         schedule=args.schedule or schedules()[0],
+        say=lambda line: print(line, file=sys.stderr, flush=True),  # stdout may be --json
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))

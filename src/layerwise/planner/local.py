@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,7 @@ def predict_local(
     layers: int, hidden: int, heads: int, seq: int, micro_batch: int, global_batch: int,
     workers: int, cost: LayerCost | None = None, schedule: str = "1f1b",
     cores: int | None = None, loaded: LoadedCosts | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Returns predicted step seconds for each (dp, tp, pp) split of ``workers`` CPU
     processes, fastest first, for any pp up to the layers plus the embedding and the head
@@ -95,7 +96,8 @@ def predict_local(
     gives it). The schedule is then simulated with the cores shared among the processes that
     can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
     leaves its share to the others), and the update (gradient norm, clipping, AdamW; with
-    replicas, packing the gradients and their all-reduce) follows, at its loaded costs."""
+    replicas, packing the gradients and their all-reduce) follows, at its loaded costs.
+    ``say`` is told, before the probe starts, that it runs and for about how long."""
     cores = cores or os.cpu_count() or 1
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -106,6 +108,9 @@ def predict_local(
     )
     grid = _grid(workers, tps, layers)
     if workers > cores and loaded is None:
+        if say is not None:
+            say(f"{workers} workers share {cores} cores: probing this machine with "
+                f"{workers} busy processes (about half a minute)...")  # fmt: skip
         dps = sorted({dp for dp, _, _ in grid})
         loaded = probe_loaded(workers, tps, dps, hidden, heads, seq, micro_batch,
                               grad_bytes=4 * sum(counts), chain=min(CHAIN, layers))  # fmt: skip
@@ -119,7 +124,8 @@ def predict_local(
             continue
         m = global_batch // (dp * micro_batch)
         split = partition(counts, pp).sizes
-        grads = 4.0 * max(_params(split, counts, layers, tp))  # fp32 bytes per worker
+        held = _held(split, counts, layers, tp)
+        grads = 4.0 * max(b + o for b, o in held)  # fp32 bytes per worker
         if loaded is None:
             blocks = [_blocks_in(split, s, layers) for s in range(pp)]
             hop = send if pp > 1 else 0.0
@@ -132,7 +138,7 @@ def predict_local(
             f, b = _loaded_stages(loaded, split, layers, tp)
             timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
                                        cores, copies=dp * tp)  # fmt: skip
-            after = _update_s(loaded, split, counts, layers, tp, dp) + loaded.allreduce_s(dp, grads)
+            after = _update_s(loaded, held, tp, dp) + loaded.allreduce_s(dp, grads)
         out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                     "pp": pp, "num_microbatches": m,
                     "step_time_s": timeline.makespan() + after,
@@ -167,24 +173,15 @@ def _loaded_stages(
     return fwd, bwd
 
 
-def _update_s(
-    loaded: LoadedCosts, split: Sequence[int], counts: Sequence[int], layers: int, tp: int,
-    dp: int,
-) -> float:  # fmt: skip
+def _update_s(loaded: LoadedCosts, held: Sequence[tuple[float, float]], tp: int, dp: int) -> float:
     """Seconds of the slowest worker's update after its pipeline, with the whole job busy:
-    the gradient norm, clipping and AdamW of its parameters (sharded blocks at the sharded
-    cost), and with replicas, packing its gradients for their all-reduce."""
+    the gradient norm, clipping and AdamW of the parameters it holds (``held``, from
+    :func:`_held`; sharded blocks at the sharded cost), and with replicas, packing its
+    gradients for their all-reduce."""
     plain = loaded.optimizer_per_param
-    sharded = loaded.sharded_update_per_param.get(tp, plain) if tp > 1 else plain
+    sharded = loaded.sharded_update_per_param.get(tp, plain)  # tp 1 is not sharded: plain
     pack = loaded.pack_per_param if dp > 1 else 0.0
-    worst, first = 0.0, 0
-    for n in split:
-        mine = range(first, first + n)
-        blocks = sum(counts[i] / tp for i in mine if 1 <= i <= layers)
-        others = sum(counts[i] for i in mine if not 1 <= i <= layers)
-        worst = max(worst, blocks * (sharded + pack) + others * (plain + pack))
-        first += n
-    return worst
+    return max(blocks * (sharded + pack) + whole * (plain + pack) for blocks, whole in held)
 
 
 def _blocks_in(split: Sequence[int], stage: int, layers: int) -> int:
@@ -193,11 +190,16 @@ def _blocks_in(split: Sequence[int], stage: int, layers: int) -> int:
     return sum(1 for i in range(first, first + split[stage]) if 1 <= i <= layers)
 
 
-def _params(split: Sequence[int], counts: Sequence[int], layers: int, tp: int) -> list[float]:
-    """Parameters each worker holds: blocks split over tp, embedding and head whole."""
-    out, first = [], 0
+def _held(
+    split: Sequence[int], counts: Sequence[int], layers: int, tp: int
+) -> list[tuple[float, float]]:
+    """Parameters each worker holds, as (of blocks, split over tp; of the embedding and head,
+    whole)."""
+    out: list[tuple[float, float]] = []
+    first = 0
     for n in split:
-        out.append(sum(c / tp if 1 <= i <= layers else c
-                       for i, c in enumerate(counts) if first <= i < first + n))  # fmt: skip
+        mine = range(first, first + n)
+        out.append((sum(counts[i] / tp for i in mine if 1 <= i <= layers),
+                    sum(counts[i] for i in mine if not 1 <= i <= layers)))  # fmt: skip
         first += n
     return out
