@@ -98,6 +98,10 @@ def train_run(flags: list[str], run_dir: Path, steps: int, skip: int) -> dict[st
         "peak_rss_mean_mib": statistics.fmean(rss),
         "parameters_max": max(int(r["parameters"]) for r in summary["ranks"]),
         "final_loss": float(records[-1]["loss"]),
+        "phases_s": {
+            k: statistics.median(float(r["phases_s"][k]) for r in kept)
+            for k in kept[0].get("phases_s", {})
+        },
         "wall_s": wall,
     }
 
@@ -149,6 +153,8 @@ def merged(paths: list[str]) -> dict[tuple[int, int, int], list[float]]:
     for path in paths:
         for r in json.loads(Path(path).read_text())["results"]:
             step = r.get("this_run_step_time_s", r["step_time_s"])
+            if step is None:  # a --plan-only run measured nothing itself
+                continue
             out.setdefault((r["dp"], r["tp"], r["pp"]), []).append(float(step))
     return out
 
@@ -181,6 +187,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="layouts as dp,tp,pp (default all)")
     ap.add_argument("--out", default="runs/bench_layouts")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="train nothing: run the planner 2 x --plan-repeats times against the "
+                         "measured steps of the --merge files")  # fmt: skip
     ap.add_argument("--merge", nargs="*", default=[],
                     help="results of earlier runs of the same layouts (--json files): "
                          "the measured step is the median of those runs and this one")  # fmt: skip
@@ -198,11 +207,17 @@ def main() -> None:
     plan = {"layers": args.layers, "hidden": args.d_model, "heads": args.heads,
             "seq": args.seq_len, "micro_batch": args.micro_batch,
             "global_batch": args.batch_size, "workers": args.world}  # fmt: skip
+    if args.plan_only and not args.merge:
+        ap.error("--plan-only needs the measured runs to compare with: --merge FILE...")
     plan_cmd, before = plan_repeated(plan, args.plan_repeats)
     print(" ".join(plan_cmd))
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for dp, tp, pp in layouts:
+    if args.plan_only:  # the last merged file's rows stand for this run's table columns
+        last = {(r["dp"], r["tp"], r["pp"]): r
+                for r in json.loads(Path(args.merge[-1]).read_text())["results"]}  # fmt: skip
+        results = [dict(last[lt]) for lt in layouts if lt in last]
+    for dp, tp, pp in [] if args.plan_only else layouts:
         why = layout_ok(dp, tp, pp, args)
         if why:
             print(f"skip dp{dp} tp{tp} pp{pp}: {why}")
@@ -224,8 +239,9 @@ def main() -> None:
     for r in results:
         runs = pred.get((r["dp"], r["tp"], r["pp"]))
         p = statistics.median(runs) if runs else None
-        r["this_run_step_time_s"] = r["step_time_s"]
-        r["runs_step_time_s"] = [*earlier.get((r["dp"], r["tp"], r["pp"]), []), r["step_time_s"]]
+        this = [] if args.plan_only else [r["step_time_s"]]
+        r["this_run_step_time_s"] = None if args.plan_only else r["step_time_s"]
+        r["runs_step_time_s"] = [*earlier.get((r["dp"], r["tp"], r["pp"]), []), *this]
         r["step_time_s"] = statistics.median(r["runs_step_time_s"])
         r["predicted_step_time_s"] = p
         r["predicted_runs_s"] = runs
@@ -247,13 +263,18 @@ def main() -> None:
     print(block_times(before + after))
     for key, what in (("step_time_s", "measured"), ("this_run_step_time_s", "this run alone")):
         ratios = [r[key] / r["predicted_step_time_s"] for r in results
-                  if r["predicted_step_time_s"]]  # fmt: skip
+                  if r["predicted_step_time_s"] and r[key]]  # fmt: skip
         if ratios and (key == "step_time_s" or args.merge):
             near = sum(1 for x in ratios if abs(x - 1) <= 0.15)
             print(f"{what}: {near} of {len(ratios)} layouts within 15 % of the planner's median "
                   f"(measured / planner {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
     if args.merge:
-        print(f"measured: median over {1 + len(args.merge)} runs (this one and --merge)")
+        runs = (
+            f"{len(args.merge)} runs (--merge)"
+            if args.plan_only
+            else f"{1 + len(args.merge)} runs (this one and --merge)"
+        )
+        print(f"measured: median over {runs}")
     write_json(args.json, {"args": vars(args), "plan_command": " ".join(plan_cmd),
                            "plan_runs": before + after, "results": results,
                            "skipped": skipped})  # fmt: skip

@@ -130,6 +130,11 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     work = 2 * (0.002 + 8 * 0.03 + 0.004) + sum(counts) * (1e-8 + 2e-9)
     assert dp8["step_time_s"] == pytest.approx(work + 0.005 + 4e-9 * 4 * sum(counts))
     assert dp8["oversubscribed"] and dp8["stage_layers"] == [10]
+    for r in rows.values():  # the step is its pipeline and what follows it
+        assert r["pipeline_s"] + r["after_pipeline_s"] == pytest.approx(r["step_time_s"])
+    assert dp8["after_pipeline_s"] == pytest.approx(
+        sum(counts) * (1e-8 + 2e-9) + 0.005 + 4e-9 * 4 * sum(counts)
+    )
     # pp 8: workers in their bubbles leave their share of the cores to the others, so the
     # step is shorter than the pipeline at loaded costs throughout, but not shorter than the
     # busiest worker's work at the speed of a core of its own (4x its speed loaded)

@@ -13,6 +13,7 @@ import pytest
 import _workers as w
 from layerwise.cli import main
 from layerwise.job.launcher import describe_failures, run_workers
+from layerwise.job.trainer import PHASES
 from layerwise.schedules import alternatives
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
@@ -60,6 +61,10 @@ def test_layouts_agree_and_resume_equals_uninterrupted(
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "grad_norm", "tokens_per_s", "idle", "step_time"} <= set(records[0])
     assert "val_loss" in records[1] and "val_loss" in records[3]
+    for r in (r for r in records if "step_time" in r):  # each step cut into its phases
+        assert tuple(r["phases_s"]) == PHASES and min(r["phases_s"].values()) >= 0.0
+        assert sum(r["phases_s"].values()) == pytest.approx(r["step_time"], rel=1e-9)
+        assert r["phases_s"]["pipeline"] > 0.0
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 4 and (run / "checkpoints" / latest["path"]).is_dir()
     assert not list((run / "checkpoints").glob("*.tmp"))
@@ -81,6 +86,9 @@ def test_layouts_agree_and_resume_equals_uninterrupted(
     assert others == set(alternatives((0, 1), 4))  # the registry's, on the same stages
     assert report["predicted_before_training_s"] == prediction["predicted_step_s"]
     assert "predicted before training (calibrate)" in text
+    phases = report["phases_s"]
+    assert phases is not None and phases["pipeline"] > 0.0
+    assert "where a step went (first worker, median per step): pipeline" in text
 
 
 @pytest.mark.timeout(400)

@@ -203,6 +203,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         },
         "steps": len(metrics),
         "median_step_s": statistics.median(steps) if steps else None,
+        "phases_s": step_phases(metrics),
         "final_loss": metrics[-1]["loss"] if metrics else None,
         "final_val_loss": next((r["val_loss"] for r in reversed(metrics) if "val_loss" in r), None),
         "workers": [
@@ -241,6 +242,24 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         ),
         "chart": render_ascii(measured, 80),
     }
+
+
+def step_phases(metrics: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The first worker's median seconds per phase of a step (``Trainer.step``'s
+    ``phases_s``), over the steps after the first (which meets the shapes), or None when the
+    run's records have none."""
+    records = [r["phases_s"] for r in metrics if "phases_s" in r]
+    records = records[1:] or records
+    if not records:
+        return None
+    return {k: statistics.median(r.get(k, 0.0) for r in records) for k in records[0]}
+
+
+def render_phases(phases: dict[str, float]) -> str:
+    """One line: each phase's median seconds and its share of their sum."""
+    total = sum(phases.values()) or 1.0
+    parts = ", ".join(f"{k} {v:.4f}s ({100 * v / total:.0f}%)" for k, v in phases.items())
+    return f"where a step went (first worker, median per step): {parts}"
 
 
 def failures(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -322,6 +341,8 @@ def render(report: dict[str, Any]) -> str:
             f"measured {report['median_step_s']:.4f}s ({report['median_step_s'] / before:.2f}x, "
             f"including the optimizer and logging{shared})"
         )
+    if report.get("phases_s"):
+        lines.append(render_phases(report["phases_s"]))
     lines.append(
         f"non-finite steps: {report['nonfinite_steps'] or 'none'}; loss spikes: "
         f"{[s['step'] for s in report['loss_spikes']] or 'none'}"

@@ -4,6 +4,7 @@ the steps)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -29,6 +30,14 @@ from layerwise.runtime.pipeline import Pipeline
 from layerwise.schedules import alternatives, generate
 from layerwise.simulate import simulate
 from layerwise.timeline import Timeline
+
+# What a training step's time is spent on, in order (``Trainer.step``'s ``phases_s``).
+PHASES = ("pipeline", "pipeline edges", "loss mean", "gradient norm", "update", "timeline")
+
+
+def _span(events: list[Any]) -> float:
+    """Seconds from this rank's first action's start to its last action's end."""
+    return max(e.end for e in events) - min(e.start for e in events) if events else 0.0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -239,12 +248,21 @@ class Trainer:
         return float(mean.item()) / self.groups.layout.dp
 
     def step(self, step: int) -> tuple[dict[str, Any], Timeline]:
-        """Train on batch ``step``; return its record and measured timeline."""
+        """Train on batch ``step``; return its record and measured timeline.
+
+        The record's ``phases_s`` cuts ``step_time`` into what this rank spent in each phase
+        (they add up to it): the pipeline's actions (its timeline's span on this rank), the
+        pipeline's edges (agreeing on shapes before, the gradients' all-reduce over replicas
+        and the loss's hand-back after), the loss's mean over replicas, the gradient norm,
+        the update (clipping and the optimizer), and gathering the timeline."""
         cfg, pipe = self.cfg, self.pipe
-        t0 = time.perf_counter()
+        marks = [time.perf_counter()]
         loss = pipe.train_step(*self._batch(step))
+        marks.append(time.perf_counter())
         loss = self._mean_over_replicas(loss)
+        marks.append(time.perf_counter())
         norm = global_grad_norm(pipe, self.groups)
+        marks.append(time.perf_counter())
         record: dict[str, Any] = {"step": step, "loss": loss, "grad_norm": norm,
                                   "lr": lr_at(cfg, step)}  # fmt: skip
         record.update(self.guard.check(step, loss, norm))  # the same verdict on every rank
@@ -258,10 +276,17 @@ class Trainer:
             self.opt.step()
         self.done = step + 1
         pipe.zero_grad()
+        marks.append(time.perf_counter())
+        actions = _span(pipe.local_events())
         measured = pipe.timeline()
-        elapsed = time.perf_counter() - t0
+        marks.append(time.perf_counter())
+        elapsed = marks[-1] - marks[0]
+        spans = [b - a for a, b in itertools.pairwise(marks)]
         record.update(step_time=elapsed, tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
-                      idle=measured.bubble_fraction())  # fmt: skip
+                      idle=measured.bubble_fraction(),
+                      phases_s=dict(zip(PHASES, [min(actions, spans[0]),
+                                                 max(0.0, spans[0] - actions), *spans[1:]],
+                                        strict=True)))  # fmt: skip
         return record, measured
 
     def _batch(self, step: int) -> tuple[Any, Any]:

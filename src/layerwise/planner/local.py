@@ -142,6 +142,7 @@ def predict_local(
         out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                     "pp": pp, "num_microbatches": m,
                     "step_time_s": timeline.makespan() + after,
+                    "pipeline_s": timeline.makespan(), "after_pipeline_s": after,
                     "bubble_fraction": timeline.bubble_fraction(),
                     "stage_layers": list(split),
                     "layer_forward_s": cost.forward, "layer_backward_s": cost.backward,
