@@ -168,6 +168,7 @@ def equivalence_cases(rank: int, world: int) -> dict[str, Any]:
         sorted({e.kind for e in tl.events}),
         len([e for e in tl.events if e.kind in "FBIW"]),
     )
+    results["idle"] = (pipe.bubble_fraction(), tl.bubble_fraction())  # gathered small, whole
 
     # tuples and dicts between stages; 10 rows into 4 micro-batches (3, 3, 2, 2)
     xs, ys = torch.randn(10, D), torch.randn(10, D)

@@ -126,15 +126,22 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     counts = layer_parameter_counts(GPTConfig(seq_len=128, d_model=128, n_heads=8, n_layers=8))
     # dp 8: every worker is always busy with all ten layers for its 2 micro-batches, then its
     # update, packing its gradients and their all-reduce over 8 replicas, all at loaded costs
+    # (and the loss's mean over the replicas, a tiny all-reduce over 8)
     dp8 = rows["dp8 tp1 pp1 mb2"]
     work = 2 * (0.002 + 8 * 0.03 + 0.004) + sum(counts) * (1e-8 + 2e-9)
-    assert dp8["step_time_s"] == pytest.approx(work + 0.005 + 4e-9 * 4 * sum(counts))
+    assert dp8["step_time_s"] == pytest.approx(work + 2 * 0.005 + 4e-9 * 4 * sum(counts))
     assert dp8["oversubscribed"] and dp8["stage_layers"] == [10]
     for r in rows.values():  # the step is its pipeline and what follows it
         assert r["pipeline_s"] + r["after_pipeline_s"] == pytest.approx(r["step_time_s"])
     assert dp8["after_pipeline_s"] == pytest.approx(
-        sum(counts) * (1e-8 + 2e-9) + 0.005 + 4e-9 * 4 * sum(counts)
+        sum(counts) * (1e-8 + 2e-9) + 2 * 0.005 + 4e-9 * 4 * sum(counts)
     )
+    # the step's small collectives: the loss's mean (dp), the norm's sums (tp, pp), and the
+    # pipeline's shapes, loss and idle fraction (pp), each a tiny all-reduce over its group
+    assert loaded.step_collectives_s(2, 2, 2) == pytest.approx(6 * 0.003)
+    assert loaded.step_collectives_s(1, 1, 8) == pytest.approx(4 * 0.005)
+    assert loaded.step_collectives_s(4, 2, 1) == pytest.approx(0.004 + 0.003)
+    assert loaded.step_collectives_s(1, 1, 1) == 0.0
     # pp 8: workers in their bubbles leave their share of the cores to the others, so the
     # step is shorter than the pipeline at loaded costs throughout, but not shorter than the
     # busiest worker's work at the speed of a core of its own (4x its speed loaded)
@@ -144,6 +151,7 @@ def test_local_prediction_with_shared_cores_uses_the_loaded_costs() -> None:
     b = [0.001 + 0.02 + 0.001] + [0.02 + 0.002] * 6 + [0.02 + 0.002 + 0.001]
     throughout = simulate(generate("1f1b", 8, 16), Costs.per_stage(f, b)).makespan()
     pipe = pp8["step_time_s"] - max(counts[0] + counts[1], counts[-2] + counts[-1]) * 1e-8
+    pipe -= loaded.step_collectives_s(1, 1, 8)
     assert max(16 * (fi + bi) for fi, bi in zip(f, b, strict=True)) / 4 < pipe < throughout
     # tensor parallelism costs what the probe measured for a block split tp ways
     tp2, tp4 = rows["dp4 tp2 pp1 mb2"], rows["dp2 tp4 pp1 mb2"]
@@ -168,13 +176,13 @@ def test_plan_local_says_before_it_probes_a_busy_machine(
 
     asked: dict[str, object] = {}
 
-    def fake_probe(workers: int, tps: list[int], dps: list[int], *_: object,
+    def fake_probe(workers: int, tps: list[int], sizes: list[int], *_: object,
                    **__: object) -> LoadedCosts:  # fmt: skip
         asked["workers"] = workers
         return LoadedCosts(workers=workers, embedding=(1e-3, 1e-3),
                            block={tp: (1e-2, 2e-2) for tp in tps}, head=(1e-3, 1e-3),
                            message=1e-3, optimizer_per_param=1e-8,
-                           allreduce={dp: (1e-3, 1e-9) for dp in dps if dp > 1})  # fmt: skip
+                           allreduce={g: (1e-3, 1e-9) for g in sizes if g > 1})  # fmt: skip
 
     monkeypatch.setattr(local, "probe_loaded", fake_probe)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -201,7 +209,7 @@ def test_the_probe_measures_every_part_with_all_processes_busy() -> None:
 
     # three processes on this machine's cores, blocks split three ways (timed two in a row),
     # replicas of three
-    got = probe_loaded(3, tps=[1, 3], dps=[1, 3], hidden=48, heads=3, seq=16, micro_batch=1,
+    got = probe_loaded(3, tps=[1, 3], sizes=[1, 3], hidden=48, heads=3, seq=16, micro_batch=1,
                        grad_bytes=64_000, window_s=0.1, chain=2)  # fmt: skip
     assert got.workers == 3 and set(got.block) == {1, 3} and set(got.allreduce) == {3}
     for fwd, bwd in (got.embedding, got.head, *got.block.values()):
@@ -212,5 +220,5 @@ def test_the_probe_measures_every_part_with_all_processes_busy() -> None:
     assert fixed > 0 and per_byte >= 0
     assert got.allreduce_s(3, 64_000) >= fixed and got.allreduce_s(1, 64_000) == 0
     with pytest.raises(ValueError, match="chain must be at least 1"):
-        probe_loaded(3, tps=[1], dps=[1], hidden=48, heads=3, seq=16, micro_batch=1,
+        probe_loaded(3, tps=[1], sizes=[1], hidden=48, heads=3, seq=16, micro_batch=1,
                      grad_bytes=64_000, chain=0)  # fmt: skip

@@ -47,6 +47,8 @@ def test_structured_uneven_inference_and_timeline(equivalence: tuple[int, list[d
         assert num_workers == world
         assert {"F", "I", "W"} <= set(kinds)  # the last case ran zb-h1, m=8
         assert computes == 3 * world * 8  # every F, I and W of every worker
+        small, whole = res["idle"]  # a step's idle from each worker's sums, as from its events
+        assert 0.0 < whole < 1.0 and small == pytest.approx(whole, abs=1e-9)
 
 
 @pytest.mark.timeout(300)

@@ -99,7 +99,8 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
     while step < cfg.steps:
         lost: tuple[str, int | None, bool] | None = None
         try:
-            record, measured = trainer.step(step)
+            record, timeline = trainer.step(step)
+            measured = timeline if timeline is not None else measured
             last_record = record
             _validate(trainer, step, record)
             records.append(record)

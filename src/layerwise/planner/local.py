@@ -96,7 +96,8 @@ def predict_local(
     gives it). The schedule is then simulated with the cores shared among the processes that
     can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
     leaves its share to the others), and the update (gradient norm, clipping, AdamW; with
-    replicas, packing the gradients and their all-reduce) follows, at its loaded costs.
+    replicas, packing the gradients and their all-reduce) follows, at its loaded costs, with
+    the step's small collectives (:meth:`LoadedCosts.step_collectives_s`).
     ``say`` is told, before the probe starts, that it runs and for about how long."""
     cores = cores or os.cpu_count() or 1
     if cost is None:
@@ -111,8 +112,8 @@ def predict_local(
         if say is not None:
             say(f"{workers} workers share {cores} cores: probing this machine with "
                 f"{workers} busy processes (about half a minute)...")  # fmt: skip
-        dps = sorted({dp for dp, _, _ in grid})
-        loaded = probe_loaded(workers, tps, dps, hidden, heads, seq, micro_batch,
+        sizes = sorted({size for layout in grid for size in layout})  # every group's size
+        loaded = probe_loaded(workers, tps, sizes, hidden, heads, seq, micro_batch,
                               grad_bytes=4 * sum(counts), chain=min(CHAIN, layers))  # fmt: skip
     out: list[dict[str, Any]] = []
     act_bytes = 4.0 * seq * micro_batch * hidden  # one fp32 activation between blocks
@@ -138,7 +139,8 @@ def predict_local(
             f, b = _loaded_stages(loaded, split, layers, tp)
             timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
                                        cores, copies=dp * tp)  # fmt: skip
-            after = _update_s(loaded, held, tp, dp) + loaded.allreduce_s(dp, grads)
+            after = (_update_s(loaded, held, tp, dp) + loaded.allreduce_s(dp, grads)
+                     + loaded.step_collectives_s(dp, tp, pp))  # fmt: skip
         out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,
                     "pp": pp, "num_microbatches": m,
                     "step_time_s": timeline.makespan() + after,

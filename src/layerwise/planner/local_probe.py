@@ -15,7 +15,7 @@ what a worker runs:
 - a block sharded over each tensor-parallel size the layouts use, and its update;
 - a block's forward followed by a message to a partner process and one back, as two
   neighbouring pipeline stages exchange an activation and its gradient;
-- an all-reduce over groups of each data-parallel size, of a small and of a large buffer.
+- an all-reduce over groups of each size the layouts use, of a small and of a large buffer.
 
 Blocks are timed as a short chain (``chain`` of them, forward then backward), as a stage runs
 them, and the cost per block is the chain's divided by its length. A single sharded block
@@ -49,7 +49,8 @@ class LoadedCosts:
     the loss; ``message``: one activation-sized message between two processes;
     ``optimizer_per_param``: the gradient's norm, clipping and an AdamW step, per parameter;
     ``pack_per_param``: packing gradients for their all-reduce and back, per parameter;
-    ``allreduce``: data-parallel size -> (seconds of a tiny all-reduce, per further byte);
+    ``allreduce``: group size -> (seconds of a tiny all-reduce, per further byte), for every
+    size of a data-, tensor- or pipeline-parallel group;
     ``sharded_update_per_param``: tensor-parallel size -> the update's seconds per parameter a
     rank holds of blocks sharded that many ways (their parameters are DTensors, whose every
     optimizer operation pays a dispatch that plain tensors do not)."""
@@ -64,6 +65,18 @@ class LoadedCosts:
     pack_per_param: float = 0.0
     sharded_update_per_param: dict[int, float] = field(default_factory=dict)
 
+    def step_collectives_s(self, dp: int, tp: int, pp: int) -> float:
+        """Seconds of the small collectives a training step makes outside its blocks, each a
+        point where the group's processes meet: the loss's mean over the replicas (dp), the
+        gradient norm's sum over the tensor-parallel ranks (tp), and over the pipeline's
+        workers (pp) the micro-batches' shapes, the loss handed back, the norm's sum and the
+        step's idle fraction; each at the cost of a tiny all-reduce over a group that size."""
+        meets = {dp: 0, tp: 0, pp: 0}
+        meets[dp] += 1
+        meets[tp] += 1
+        meets[pp] += 4
+        return sum(n * self.allreduce[g][0] for g, n in meets.items() if g > 1)
+
     def allreduce_s(self, dp: int, nbytes: float) -> float:
         """Seconds of an all-reduce of ``nbytes`` over ``dp`` processes, all groups at once."""
         if dp <= 1:
@@ -73,18 +86,18 @@ class LoadedCosts:
 
 
 def probe_loaded(
-    workers: int, tps: Sequence[int], dps: Sequence[int], hidden: int, heads: int, seq: int,
+    workers: int, tps: Sequence[int], sizes: Sequence[int], hidden: int, heads: int, seq: int,
     micro_batch: int, grad_bytes: int, window_s: float = WINDOW_S, chain: int = CHAIN,
 ) -> LoadedCosts:  # fmt: skip
     """Start ``workers`` processes and measure, with all of them busy, a GPT of these sizes:
     its parts per micro-batch, a block over every tensor-parallel size in ``tps`` (in a row
-    of ``chain`` blocks), a message, and all-reduces over every data-parallel size in ``dps``
+    of ``chain`` blocks), a message, and all-reduces over groups of every size in ``sizes``
     up to ``grad_bytes``."""
     from layerwise.job.launcher import run_workers
 
     if chain < 1:
         raise ValueError(f"chain must be at least 1 block, got {chain}")
-    args = (tuple(tps), tuple(dps), hidden, heads, seq, micro_batch, grad_bytes, window_s, chain)
+    args = (tuple(tps), tuple(sizes), hidden, heads, seq, micro_batch, grad_bytes, window_s, chain)
     results = run_workers(_probe, workers, *args, timeout_s=600)
 
     def med(key: str, sub: Any = None) -> tuple[float, float]:
@@ -98,7 +111,7 @@ def probe_loaded(
         head=med("head"),
         message=statistics.median(float(r["message"]) for r in results),
         optimizer_per_param=statistics.median(float(r["optimizer_per_param"]) for r in results),
-        allreduce={dp: med("allreduce", dp) for dp in dps if dp > 1},
+        allreduce={g: med("allreduce", g) for g in sizes if g > 1},
         pack_per_param=statistics.median(float(r["pack_per_param"]) for r in results),
         sharded_update_per_param={
             tp: statistics.median(float(r["sharded_update"][tp]) for r in results)
@@ -162,7 +175,7 @@ def _collective(
 
 
 def _probe(
-    rank: int, world: int, tps: tuple[int, ...], dps: tuple[int, ...], hidden: int, heads: int,
+    rank: int, world: int, tps: tuple[int, ...], sizes: tuple[int, ...], hidden: int, heads: int,
     seq: int, micro_batch: int, grad_bytes: int, window: float, chain: int,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
@@ -199,7 +212,7 @@ def _probe(
     out["message"] = _message(rank, world, block, x, window)
     out["optimizer_per_param"], out["pack_per_param"] = _update(block, window)
     out["allreduce"] = {}
-    for dp in (d for d in dps if d > 1):
+    for dp in (g for g in sizes if g > 1):
         groups = [dist.new_group(list(range(g, g + dp))) for g in range(0, world, dp)]
         mine = groups[rank // dp]
         small, large = torch.zeros(1), torch.zeros(max(1, grad_bytes // 4))

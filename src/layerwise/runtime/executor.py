@@ -9,6 +9,7 @@ them is passed in as a :class:`Run`, never stored on the pipeline and swapped ba
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from layerwise.runtime.step import StageError, Step, describe_failure, free_sent
 from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
 from layerwise.schedules import Action, Schedule, dependency_keys
-from layerwise.timeline import Event, Timeline
+from layerwise.timeline import COMPUTE_KINDS, Event, Timeline
 
 RECOMPUTE_MODES = ("never", "always", "except_last")
 LOSS_REDUCTIONS = ("rows", "tokens")
@@ -360,6 +361,23 @@ class Executor:
     def _record_wait(self, t0: float, t1: float) -> None:
         if t1 - t0 > 20e-6:  # ignore waits that found their data already there
             self.events.append(Event(self.built.worker, t0, t1, "wait"))
+
+    def bubble_fraction(self) -> float:
+        """The last run's idle fraction over every worker (``Timeline.bubble_fraction`` of
+        :meth:`timeline`) from one small all-gather of each worker's busy seconds, first start
+        and last end, instead of every event. Collective."""
+        events = self.events
+        mine = torch.tensor([sum(e.duration for e in events if e.kind in COMPUTE_KINDS),
+                             min((e.start for e in events), default=math.inf),
+                             max((e.end for e in events), default=-math.inf)],
+                            dtype=torch.float64, device=self.built.device)  # fmt: skip
+        rows = [mine]
+        if self.last_schedule.num_workers > 1:
+            rows = [torch.empty_like(mine) for _ in range(self.last_schedule.num_workers)]
+            dist.all_gather(rows, mine, group=self.built.group)
+        busy, start, end = torch.stack(rows).cpu().unbind(1)
+        span = float(end.max() - start.min())
+        return 1.0 - float(busy.sum()) / (len(rows) * span) if span > 0 else 0.0
 
     def timeline(self) -> Timeline:
         """Gather every worker's events of the last run into one measured Timeline.

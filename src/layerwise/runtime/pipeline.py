@@ -319,6 +319,11 @@ class Pipeline:
         """This worker's events from the last run (wall-clock seconds)."""
         return list(self.executor.events)
 
+    def bubble_fraction(self) -> float:
+        """The last run's idle fraction, as ``timeline().bubble_fraction()`` gives it, at the
+        cost of one small all-gather (for every step's record). Collective."""
+        return self.executor.bubble_fraction()
+
     def timeline(self) -> Timeline:
         """Gather every worker's events of the last run into one measured Timeline.
 
