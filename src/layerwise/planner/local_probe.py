@@ -40,6 +40,10 @@ from typing import Any
 
 WINDOW_S = 0.5  # per piece; every process is busy with it about this long
 CHAIN = 4  # blocks timed in a row, as a stage runs them
+# A sharded chain takes longer than the window (0.3-0.5 s with 8 processes on 2 cores): it
+# runs at least this often. With 3 runs, the tensor-parallel layouts' predictions moved by up
+# to 15 % between planner runs.
+SHARDED_RUNS = 6
 
 
 @dataclass(frozen=True)
@@ -192,8 +196,9 @@ def _probe(
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
 
     def piece(forward: Callable[[], Any], collective: bool = False) -> tuple[float, float]:
-        timer = _collective if collective else _windowed
-        return timer(forward, lambda y: y.sum().backward(), window)
+        if collective:
+            return _collective(forward, lambda y: y.sum().backward(), window, SHARDED_RUNS)
+        return _windowed(forward, lambda y: y.sum().backward(), window)
 
     def per_block(fwd_bwd: tuple[float, float]) -> tuple[float, float]:
         return fwd_bwd[0] / chain, fwd_bwd[1] / chain
