@@ -81,6 +81,27 @@ def test_local_prediction_uses_measured_costs() -> None:
     assert 0 < float(pipe["bubble_fraction"]) < 0.5
 
 
+def test_local_prediction_with_a_core_each_counts_embedding_head_and_update() -> None:
+    from layerwise.models.gpt import GPTConfig, layer_parameter_counts
+    from layerwise.planner.local import Parts, measure_parts
+
+    got = measure_parts(hidden=64, heads=2, seq=32, micro_batch=2, threads=1, repeats=1)
+    assert min(*got.embedding, *got.head) > 0 and 0 < got.update_per_param < 1e-3
+    cost, parts = LayerCost(0.01, 0.02, 50_000), Parts((0.001, 0.002), (0.003, 0.004), 1e-8)
+    bare = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
+                                                    cores=2)}  # fmt: skip
+    full = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
+                                                    cores=2, parts=parts)}  # fmt: skip
+    counts = layer_parameter_counts(GPTConfig(seq_len=32, d_model=64, n_heads=2, n_layers=4))
+    # dp 2: each replica runs its 2 micro-batches through the embedding, the blocks and the
+    # head, then updates every parameter
+    extra = full["dp2 tp1 pp1 mb2"]["step_time_s"] - bare["dp2 tp1 pp1 mb2"]["step_time_s"]
+    assert extra == pytest.approx(2 * (0.001 + 0.002 + 0.003 + 0.004) + 1e-8 * sum(counts))
+    assert full["dp2 tp1 pp1 mb2"]["after_pipeline_s"] > bare["dp2 tp1 pp1 mb2"]["after_pipeline_s"]
+    # pp 2: the first stage runs the embedding, the last the head; each is slower
+    assert full["dp1 tp1 pp2 mb2"]["pipeline_s"] > bare["dp1 tp1 pp2 mb2"]["pipeline_s"]
+
+
 def test_local_tensor_parallel_halves_compute_and_pays_all_reduces() -> None:
     cost = LayerCost(0.01, 0.02, 50_000)
     rows = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,

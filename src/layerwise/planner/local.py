@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from layerwise.models.family import ModelFamily
-from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts
+from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts, loss_fn
 from layerwise.partition import partition
 from layerwise.planner.local_probe import CHAIN, LoadedCosts, probe_loaded
 from layerwise.schedules import generate
@@ -78,11 +78,69 @@ def _time_layer(layer: nn.Module, x: Tensor, repeats: int) -> LayerCost:
     return LayerCost(sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2], params)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Measured seconds per micro-batch, forward and backward, of the embedding and of the
+    output layer with the loss, and of the update (gradient norm, clipping, AdamW) per
+    parameter: what a worker runs besides its blocks."""
+
+    embedding: tuple[float, float] = (0.0, 0.0)
+    head: tuple[float, float] = (0.0, 0.0)
+    update_per_param: float = 0.0
+
+
+def measure_parts(
+    hidden: int, heads: int, seq: int, micro_batch: int, threads: int, repeats: int = 5
+) -> Parts:
+    """Times the embedding, the output layer with its loss and a block's update on this CPU
+    with ``threads`` threads (medians of ``repeats``, after a warm-up)."""
+    family = GPTFamily(GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=1))
+    embed, block, head = (factory() for factory in family.layers())
+    ids = torch.randint(0, family.config.vocab_size, (micro_batch, seq))
+    x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
+    params = list(block.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW(params)
+
+    def update() -> None:  # as the trainer does it: the norm, clipping, the optimizer
+        norm = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(1.0 / max(1.0, norm**0.5))
+        opt.step()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, threads))
+        first = _time_pass(lambda: embed(ids), lambda y: y.sum().backward(), repeats)
+        last = _time_pass(lambda: loss_fn(head(x), ids), lambda y: y.backward(), repeats)
+        step = _time_pass(update, lambda _: None, repeats)[0]
+    finally:
+        torch.set_num_threads(before)
+    return Parts(first, last, step / sum(p.numel() for p in params))
+
+
+def _time_pass(
+    forward: Callable[[], Any], backward: Callable[[Any], None], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``forward`` and of ``backward`` of its output, after a warm-up."""
+    fwd, bwd = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        out = forward()
+        t1 = time.perf_counter()
+        backward(out)
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    return sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2]
+
+
 def predict_local(
     layers: int, hidden: int, heads: int, seq: int, micro_batch: int, global_batch: int,
     workers: int, cost: LayerCost | None = None, schedule: str = "1f1b",
     cores: int | None = None, loaded: LoadedCosts | None = None,
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None, parts: Parts | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Returns predicted step seconds for each (dp, tp, pp) split of ``workers`` CPU
     processes, fastest first, for any pp up to the layers plus the embedding and the head
@@ -90,7 +148,10 @@ def predict_local(
     measured when not given.
 
     With no more workers than ``cores``, each worker has a core: the schedule is simulated
-    with the block's cost (tensor parallelism divides it by tp and adds its all-reduces).
+    with the block's cost (tensor parallelism divides it by tp and adds its all-reduces), the
+    first stage's embedding and the last one's output layer and loss, and the slowest
+    worker's update follows (``parts``: measured with ``cost`` when neither is given, none
+    when only ``cost`` is).
     With more, the workers share the cores, and what each part of a worker's work takes with
     the whole job busy is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded``
     gives it). The schedule is then simulated with the cores shared among the processes that
@@ -103,6 +164,9 @@ def predict_local(
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
+        if parts is None and workers <= cores:
+            parts = measure_parts(hidden, heads, seq, micro_batch, threads)
+    parts = parts or Parts()
     tps = [t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0]
     counts = layer_parameter_counts(
         GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
@@ -132,9 +196,13 @@ def predict_local(
             hop = send if pp > 1 else 0.0
             f = [n * (cost.forward / tp + 2 * ring) + hop for n in blocks]
             b = [n * (cost.backward / tp + 2 * ring) + hop for n in blocks]
+            for i, (pf, pb) in ((0, parts.embedding), (pp - 1, parts.head)):
+                f[i], b[i] = f[i] + pf, b[i] + pb  # not sharded: every tp rank runs them
             timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
-            # ring all-reduce of the gradients over the replicas
-            after = 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
+            # the slowest worker's update, then the ring all-reduce of the gradients over
+            # the replicas
+            after = parts.update_per_param * max(blocks + whole for blocks, whole in held)
+            after += 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
         else:
             f, b = _loaded_stages(loaded, split, layers, tp)
             timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
