@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from layerwise.models.family import ModelFamily
 from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts, loss_fn
 from layerwise.partition import partition
-from layerwise.planner.local_probe import CHAIN, LoadedCosts, probe_loaded
+from layerwise.planner.local_probe import CHAIN, LoadedCosts, probe_loaded, trainer_update
 from layerwise.schedules import generate
 from layerwise.simulate import Costs, simulate
 from layerwise.simulate_shared import simulate_shared
@@ -65,17 +65,8 @@ def _time_layer(layer: nn.Module, x: Tensor, repeats: int) -> LayerCost:
     """Returns the median of ``repeats`` forward and backward passes of ``layer`` on ``x``."""
     # a floating-point input gets its gradient too, as it does on every stage but the first
     x = x.detach().requires_grad_(x.is_floating_point())
-    fwd, bwd = [], []
-    for _ in range(repeats + 1):  # the first run warms up the allocator and kernels
-        t0 = time.perf_counter()
-        y = layer(x)
-        t1 = time.perf_counter()
-        y.sum().backward()
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    params = sum(p.numel() for p in layer.parameters())
-    return LayerCost(sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2], params)
+    fwd, bwd = _time_pass(lambda: layer(x), lambda y: y.sum().backward(), repeats)
+    return LayerCost(fwd, bwd, sum(p.numel() for p in layer.parameters()))
 
 
 @dataclass(frozen=True)
@@ -98,18 +89,7 @@ def measure_parts(
     embed, block, head = (factory() for factory in family.layers())
     ids = torch.randint(0, family.config.vocab_size, (micro_batch, seq))
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
-    params = list(block.parameters())
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt = torch.optim.AdamW(params)
-
-    def update() -> None:  # as the trainer does it: the norm, clipping, the optimizer
-        norm = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(1.0 / max(1.0, norm**0.5))
-        opt.step()
-
+    update, held = trainer_update(block)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(max(1, threads))
@@ -118,7 +98,7 @@ def measure_parts(
         step = _time_pass(update, lambda _: None, repeats)[0]
     finally:
         torch.set_num_threads(before)
-    return Parts(first, last, step / sum(p.numel() for p in params))
+    return Parts(first, last, step / sum(g.numel() for g in held))
 
 
 def _time_pass(

@@ -227,12 +227,11 @@ def _probe(
     return out
 
 
-def _update(module: Any, window: float) -> tuple[float, float]:
-    """Seconds per parameter of what a worker does after its pipeline: the gradient's norm,
-    clipping and an AdamW step; and, with replicas, packing the gradients into one buffer for
-    their all-reduce and back."""
+def trainer_update(module: Any) -> tuple[Callable[[], None], list[Any]]:
+    """An update of ``module``'s parameters as the trainer makes it after a step (the norm of
+    the gradient's local parts, clipping, AdamW), on gradients set to ones; and the gradient
+    tensors this rank holds (a DTensor's local shard)."""
     import torch
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     from layerwise.parallel.data import local_tensor
 
@@ -241,13 +240,24 @@ def _update(module: Any, window: float) -> tuple[float, float]:
     for p in params:
         p.grad = torch.ones_like(p)
     grads = [p.grad for p in params]
-    local = [local_tensor(g) for g in grads]  # what this rank holds of each (a shard)
+    local = [local_tensor(g) for g in grads]
 
-    def update() -> None:  # as the trainer does it: the norm of the local parts, then clip
+    def update() -> None:
         norm = sum(float(g.double().pow(2).sum()) for g in local) ** 0.5
         for g in grads:
             g.mul_(1.0 / max(1.0, norm))
         opt.step()
+
+    return update, local
+
+
+def _update(module: Any, window: float) -> tuple[float, float]:
+    """Seconds per parameter of what a worker does after its pipeline: the gradient's norm,
+    clipping and an AdamW step; and, with replicas, packing the gradients into one buffer for
+    their all-reduce and back."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    update, local = trainer_update(module)
 
     def pack() -> None:
         flat = _flatten_dense_tensors(local)
