@@ -250,7 +250,8 @@ class Trainer:
     def step(self, step: int) -> tuple[dict[str, Any], Timeline | None]:
         """Train on batch ``step``; return its record and, on the run's last step, its
         measured timeline; other steps gather only the pipeline's idle fraction for their
-        record (gathering every worker's events cost up to 5 % of a step on CPU).
+        record (one small all-gather, not every worker's events: only the run's last
+        timeline is written).
 
         The record's ``phases_s`` cuts ``step_time`` into what this rank spent in each phase
         (they add up to it): the pipeline's actions (its timeline's span on this rank), the
