@@ -35,11 +35,6 @@ from layerwise.timeline import Timeline
 PHASES = ("pipeline", "pipeline edges", "loss mean", "gradient norm", "update", "timeline")
 
 
-def _span(events: list[Any]) -> float:
-    """Seconds from this rank's first action's start to its last action's end."""
-    return max(e.end for e in events) - min(e.start for e in events) if events else 0.0
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < cfg.warmup:
@@ -280,7 +275,7 @@ class Trainer:
         self.done = step + 1
         pipe.zero_grad()
         marks.append(time.perf_counter())
-        actions = _span(pipe.local_events())
+        actions = Timeline(1, pipe.local_events()).makespan()  # this rank's actions' span
         measured = pipe.timeline() if step >= cfg.steps - 1 else None
         idle = measured.bubble_fraction() if measured is not None else pipe.bubble_fraction()
         marks.append(time.perf_counter())

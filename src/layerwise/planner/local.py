@@ -9,8 +9,8 @@ compared with a measured ``layerwise train`` run on this machine.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from layerwise.models.family import ModelFamily
 from layerwise.models.gpt import GPTConfig, GPTFamily, layer_parameter_counts, loss_fn
 from layerwise.partition import partition
-from layerwise.planner.local_probe import CHAIN, LoadedCosts, probe_loaded, trainer_update
+from layerwise.planner.local_probe import (
+    CHAIN,
+    LoadedCosts,
+    probe_loaded,
+    time_once,
+    trainer_update,
+)
 from layerwise.schedules import generate
 from layerwise.simulate import Costs, simulate
 from layerwise.simulate_shared import simulate_shared
@@ -52,11 +58,18 @@ def measure_family_layer(
 ) -> LayerCost:
     """Returns the median forward and backward seconds of the layer ``family.sample_layer``
     builds, run on this CPU with ``threads`` threads, and its number of parameters."""
+    with _threads(threads):
+        layer, x = family.sample_layer(micro_batch)
+        return _time_layer(layer, x, repeats)
+
+
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """Run the block with torch on ``threads`` threads (at least 1), then restore the caller's."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(max(1, threads))
-        layer, x = family.sample_layer(micro_batch)
-        return _time_layer(layer, x, repeats)
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -90,14 +103,10 @@ def measure_parts(
     ids = torch.randint(0, family.config.vocab_size, (micro_batch, seq))
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
     update, held = trainer_update(block)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(max(1, threads))
+    with _threads(threads):
         first = _time_pass(lambda: embed(ids), lambda y: y.sum().backward(), repeats)
         last = _time_pass(lambda: loss_fn(head(x), ids), lambda y: y.backward(), repeats)
         step = _time_pass(update, lambda _: None, repeats)[0]
-    finally:
-        torch.set_num_threads(before)
     return Parts(first, last, step / sum(g.numel() for g in held))
 
 
@@ -105,15 +114,9 @@ def _time_pass(
     forward: Callable[[], Any], backward: Callable[[Any], None], repeats: int
 ) -> tuple[float, float]:
     """Median seconds of ``forward`` and of ``backward`` of its output, after a warm-up."""
-    fwd, bwd = [], []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        out = forward()
-        t1 = time.perf_counter()
-        backward(out)
-        fwd.append(t1 - t0)
-        bwd.append(time.perf_counter() - t1)
-    return sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2]
+    runs = [time_once(forward, backward) for _ in range(repeats + 1)][1:]  # after a warm-up
+    fwd, bwd = sorted(f for f, _ in runs), sorted(b for _, b in runs)
+    return fwd[repeats // 2], bwd[repeats // 2]
 
 
 def predict_local(
@@ -170,7 +173,8 @@ def predict_local(
         m = global_batch // (dp * micro_batch)
         split = partition(counts, pp).sizes
         held = _held(split, counts, layers, tp)
-        grads = 4.0 * max(b + o for b, o in held)  # fp32 bytes per worker
+        most = max(sum(h) for h in held)  # parameters of the worker that holds the most
+        grads = 4.0 * most  # fp32 bytes
         if loaded is None:
             blocks = [_blocks_in(split, s, layers) for s in range(pp)]
             hop = send if pp > 1 else 0.0
@@ -181,7 +185,7 @@ def predict_local(
             timeline = simulate(generate(schedule, pp, m), Costs.per_stage(f, b))
             # the slowest worker's update, then the ring all-reduce of the gradients over
             # the replicas
-            after = parts.update_per_param * max(blocks + whole for blocks, whole in held)
+            after = parts.update_per_param * most
             after += 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
         else:
             f, b = _loaded_stages(loaded, split, layers, tp)

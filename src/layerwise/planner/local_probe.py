@@ -129,7 +129,7 @@ def _nothing(_: Any) -> None:
     """The backward of a piece that has none."""
 
 
-def _once(forward: Callable[[], Any], backward: Callable[[Any], None]) -> tuple[float, float]:
+def time_once(forward: Callable[[], Any], backward: Callable[[Any], None]) -> tuple[float, float]:
     """Seconds of one forward and of the backward of its output."""
     t0 = time.perf_counter()
     out = forward()
@@ -150,7 +150,7 @@ def _windowed(
     count = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < window or count == 0:
-        f, b = _once(forward, backward)
+        f, b = time_once(forward, backward)
         fwd, bwd, count = fwd + f, bwd + b, count + 1
     return fwd / count, bwd / count
 
@@ -173,7 +173,7 @@ def _collective(
     dist.barrier()
     fwd = bwd = 0.0
     for _ in range(count):
-        f, b = _once(forward, backward)
+        f, b = time_once(forward, backward)
         fwd, bwd = fwd + f, bwd + b
     return fwd / count, bwd / count
 

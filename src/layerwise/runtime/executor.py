@@ -26,7 +26,7 @@ from layerwise.runtime.step import StageError, Step, describe_failure, free_sent
 from layerwise.runtime.transport import LOSS_TAG, PLAN_TAG
 from layerwise.runtime.tree import TensorMeta, flatten, signature, unflatten
 from layerwise.schedules import Action, Schedule, dependency_keys
-from layerwise.timeline import COMPUTE_KINDS, Event, Timeline
+from layerwise.timeline import Event, Timeline
 
 RECOMPUTE_MODES = ("never", "always", "except_last")
 LOSS_REDUCTIONS = ("rows", "tokens")
@@ -367,7 +367,7 @@ class Executor:
         :meth:`timeline`) from one small all-gather of each worker's busy seconds, first start
         and last end, instead of every event. Collective."""
         events = self.events
-        mine = torch.tensor([sum(e.duration for e in events if e.kind in COMPUTE_KINDS),
+        mine = torch.tensor([Timeline(1, events).busy(self.built.worker),
                              min((e.start for e in events), default=math.inf),
                              max((e.end for e in events), default=-math.inf)],
                             dtype=torch.float64, device=self.built.device)  # fmt: skip
