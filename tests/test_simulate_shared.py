@@ -53,6 +53,24 @@ def test_a_worker_in_its_bubble_gives_its_share_to_the_others() -> None:
     assert solo < many < simulate(generate("gpipe", 2, 16), loaded).makespan()
 
 
+@pytest.mark.timeout(30)
+def test_measured_speeds_replace_sharing_where_given() -> None:
+    # GPipe with one micro-batch: one worker of two runs at a time, each with 4 peers (copies)
+    # that run with it; costs are with all 8 runnable on 2 cores
+    schedule, loaded = generate("gpipe", 2, 1), Costs.uniform(2, 2.0, 4.0)
+    shared = simulate_shared(schedule, loaded, cores=2, copies=4).makespan()
+    assert shared == pytest.approx((2 + 2 + 4 + 4) / 2)  # 4 runnable: twice as fast
+    # a group that gains only 1.25x when the others wait (measured for tensor parallelism)
+    slow = simulate_shared(schedule, loaded, cores=2, copies=4, speeds={4: 1.25}).makespan()
+    assert slow == pytest.approx((2 + 2 + 4 + 4) / 1.25)
+    # a number of runnable processes it does not name keeps processor sharing
+    assert simulate_shared(schedule, loaded, cores=2, copies=4, speeds={6: 1.1}).makespan() == (
+        pytest.approx(shared)
+    )
+    with pytest.raises(ValueError, match="speeds must be positive"):
+        simulate_shared(schedule, loaded, cores=2, copies=4, speeds={4: 0.0})
+
+
 def test_bad_sizes_and_deadlocks_are_refused() -> None:
     with pytest.raises(ValueError, match="cores"):
         simulate_shared(generate("1f1b", 2, 2), Costs.uniform(2), cores=0)

@@ -14,11 +14,17 @@ switching and shared caches is in them; an action with fewer processes runnable 
 by its larger share of a core. One pipeline is simulated; each of its workers
 stands for ``copies`` processes running the same actions at the same times (its data-parallel
 replicas and tensor-parallel peers), which count ``copies`` times toward ``r``.
+
+Processor sharing holds for processes that compute alone. Tensor-parallel peers do not: each
+all-reduce waits until all of a group's members hold a core, so a group of 4 on 2 cores runs
+only 1.4x faster with the other processes idle, where sharing says 2x (measured, 8 processes
+on 2 cores). ``speeds`` then gives the measured speed for a number of runnable processes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from layerwise.schedules import Schedule, dependency_keys
 from layerwise.simulate import Costs, inputs_at
@@ -27,9 +33,14 @@ from layerwise.timeline import Event, Timeline
 _DONE = 1e-12  # remaining work below this is finished (floating-point dust)
 
 
-def simulate_shared(schedule: Schedule, costs: Costs, cores: int, copies: int = 1) -> Timeline:
+def simulate_shared(
+    schedule: Schedule, costs: Costs, cores: int, copies: int = 1,
+    speeds: Mapping[int, float] | None = None,
+) -> Timeline:  # fmt: skip
     """Predict one step of ``schedule`` whose ``num_workers * copies`` processes share
     ``cores`` cores; ``costs`` are the actions' seconds with all of those processes runnable.
+    ``speeds`` maps a number of runnable processes to how much faster each runs than with all
+    of them runnable (measured); a number it lacks gets processor sharing's speed.
 
     Raises ValueError for bad sizes or costs, and ScheduleError if the schedule deadlocks.
     """
@@ -39,6 +50,8 @@ def simulate_shared(schedule: Schedule, costs: Costs, cores: int, copies: int = 
         )
     if cores < 1 or copies < 1:
         raise ValueError(f"cores ({cores}) and copies ({copies}) must be at least 1")
+    if speeds and min(speeds.values()) <= 0:
+        raise ValueError(f"speeds must be positive, got {dict(speeds)}")
     schedule.order  # noqa: B018 -- raises ScheduleError on a deadlocking schedule
     workers = schedule.num_workers
     processes = workers * copies
@@ -60,7 +73,10 @@ def simulate_shared(schedule: Schedule, costs: Costs, cores: int, copies: int = 
             break
         runnable = [w for w in active if (r := ready[w]) is not None and r <= now]
         # a process's share of a core now, over its share with all of them runnable
-        speed = min(1.0, cores / max(1, len(runnable) * copies)) / min(1.0, cores / processes)
+        busy = len(runnable) * copies
+        speed = min(1.0, cores / max(1, busy)) / min(1.0, cores / processes)
+        if speeds and busy in speeds:
+            speed = speeds[busy]
         step = math.inf
         for w in runnable:
             step = min(step, left[w] / speed)

@@ -139,7 +139,8 @@ def predict_local(
     the whole job busy is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded``
     gives it). The schedule is then simulated with the cores shared among the processes that
     can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
-    leaves its share to the others), and the update (gradient norm, clipping, AdamW; with
+    leaves its share to the others; tensor-parallel groups run at the speed the probe measured
+    with that many processes busy), and the update (gradient norm, clipping, AdamW; with
     replicas, packing the gradients and their all-reduce) follows, at its loaded costs, with
     the step's small collectives (:meth:`LoadedCosts.step_collectives_s`).
     ``say`` is told, before the probe starts, that it runs and for about how long."""
@@ -189,8 +190,10 @@ def predict_local(
             after += 2 * (dp - 1) / dp * grads / (LOCAL_GBPS * 1e9) if dp > 1 else 0.0
         else:
             f, b = _loaded_stages(loaded, split, layers, tp)
-            timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b),
-                                       cores, copies=dp * tp)  # fmt: skip
+            # sharded blocks gain less than their share of the cores in a bubble: measured
+            speeds = loaded.sharded_speed.get(tp)
+            timeline = simulate_shared(generate(schedule, pp, m), Costs.per_stage(f, b), cores,
+                                       copies=dp * tp, speeds=speeds)  # fmt: skip
             after = (_update_s(loaded, held, tp, dp) + loaded.allreduce_s(dp, grads)
                      + loaded.step_collectives_s(dp, tp, pp))  # fmt: skip
         out.append({"layout": f"dp{dp} tp{tp} pp{pp} mb{micro_batch}", "dp": dp, "tp": tp,

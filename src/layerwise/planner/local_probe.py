@@ -12,7 +12,9 @@ what a worker runs:
   apart, and the update after the pipeline (the gradient's norm, clipping, AdamW, packing the
   gradients for their all-reduce), each in a loop over the same wall-clock window, so that every
   process stays busy for the whole of every window;
-- a block sharded over each tensor-parallel size the layouts use, and its update;
+- a block sharded over each tensor-parallel size the layouts use, and its update; and the same
+  sharded blocks with only some of the groups running them, the others waiting, as a
+  pipeline's stages wait in its bubbles;
 - a block's forward followed by a message to a partner process and one back, as two
   neighbouring pipeline stages exchange an activation and its gradient;
 - an all-reduce over groups of each size the layouts use, of a small and of a large buffer.
@@ -60,7 +62,9 @@ class LoadedCosts:
     size of a data-, tensor- or pipeline-parallel group;
     ``sharded_update_per_param``: tensor-parallel size -> the update's seconds per parameter a
     rank holds of blocks sharded that many ways (their parameters are DTensors, whose every
-    optimizer operation pays a dispatch that plain tensors do not)."""
+    optimizer operation pays a dispatch that plain tensors do not);
+    ``sharded_speed``: tensor-parallel size -> {processes running sharded blocks while the
+    others wait: how much faster they run than with all busy}."""
 
     workers: int
     embedding: tuple[float, float]
@@ -71,6 +75,7 @@ class LoadedCosts:
     allreduce: dict[int, tuple[float, float]]
     pack_per_param: float = 0.0
     sharded_update_per_param: dict[int, float] = field(default_factory=dict)
+    sharded_speed: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def step_collectives_s(self, dp: int, tp: int, pp: int) -> float:
         """Seconds of the small collectives a training step makes outside its blocks, each a
@@ -125,7 +130,17 @@ def probe_loaded(
             for tp in tps
             if tp > 1
         },
+        sharded_speed={
+            tp: _speeds([r["sharded_speed"][tp] for r in results]) for tp in tps if tp > 1
+        },
     )
+
+
+def _speeds(per_rank: Sequence[dict[int, float | None]]) -> dict[int, float]:
+    """Number of busy processes -> the median speed the busy ones measured (idle ones: None)."""
+    counts = {n for mine in per_rank for n in mine}
+    return {n: statistics.median(v for mine in per_rank if (v := mine.get(n)) is not None)
+            for n in sorted(counts)}  # fmt: skip
 
 
 def _nothing(_: Any) -> None:
@@ -213,13 +228,15 @@ def _probe(
     out: dict[str, Any] = {"embedding": piece(lambda: embed(ids)),
                            "head": piece(lambda: loss_fn(head(x), ids)),
                            "block": {1: per_block(piece(partial(blocks, x)))}}  # fmt: skip
-    out["sharded_update"] = {}
+    out["sharded_update"], out["sharded_speed"] = {}, {}
     for tp in (t for t in tps if t > 1):  # every process builds every mesh, in one order
         mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
         sharded = nn.Sequential(*(family.parallelize(1, family.layers()[1](), mesh["tp"])
                                   for _ in range(chain)))  # fmt: skip
         out["block"][tp] = per_block(piece(partial(sharded, x), collective=True))
         out["sharded_update"][tp] = _update(sharded, window)[0]
+        out["sharded_speed"][tp] = _fewer_busy(rank, world, tp, partial(sharded, x),
+                                               sum(out["block"][tp]) * chain)  # fmt: skip
     out["message"] = _message(rank, world, block, x, window)
     out["optimizer_per_param"], out["pack_per_param"] = _update(block, window)
     out["allreduce"] = {}
@@ -230,6 +247,30 @@ def _probe(
         tiny = _collective(partial(dist.all_reduce, small, group=mine), _nothing, window)[0]
         big = _collective(partial(dist.all_reduce, large, group=mine), _nothing, window)[0]
         out["allreduce"][dp] = (tiny, max(0.0, big - tiny) / max(1, 4 * large.numel() - 4))
+    return out
+
+
+def _fewer_busy(
+    rank: int, world: int, tp: int, forward: Callable[[], Any], all_busy: float
+) -> dict[int, float | None]:
+    """Busy processes -> how much faster a sharded piece (``forward``, then the backward of
+    its sum) runs with only the first that many processes running it, whole tensor-parallel
+    groups, and the rest waiting; ``all_busy`` is its seconds with every process running it.
+    None where this rank waited. Every rank calls it."""
+    import torch.distributed as dist
+
+    out: dict[int, float | None] = {}
+    for busy in range(tp, world, tp):
+        group = dist.new_group(list(range(busy)))  # every rank makes every group
+        out[busy] = None
+        if rank < busy:
+            for _ in range(WARM_UP):
+                forward().sum().backward()
+            dist.barrier(group=group)
+            runs = [sum(time_once(forward, lambda y: y.sum().backward()))
+                    for _ in range(SHARDED_RUNS)]  # fmt: skip
+            out[busy] = all_busy / statistics.fmean(runs)
+        dist.barrier()  # the waiting ranks wait here, as a stage in a bubble waits
     return out
 
 
