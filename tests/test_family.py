@@ -248,7 +248,7 @@ def test_a_second_family_is_timed_by_the_local_planner(toy: ModelFamily) -> None
     cost = measure_family_layer(toy, micro_batch=4, threads=1, repeats=1)
     assert cost.forward > 0 and cost.backward > 0
     assert cost.params == toy.parameter_counts()[1]
-    rows = predict_local(3, 8, 1, 1, 4, 16, workers=2, cost=cost, cores=2)
+    rows = predict_local(3, 8, 1, 1, 4, 16, workers=2, cost=cost, cores=4)
     # 3 blocks with the embedding and the head split in 2 as the job splits them
     assert {r["layout"] for r in rows} == {"dp2 tp1 pp1 mb4", "dp1 tp1 pp2 mb4"}
     assert {sum(r["stage_layers"]) for r in rows} == {5}

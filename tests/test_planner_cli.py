@@ -72,7 +72,8 @@ def test_bad_input_gives_a_clear_message(
 def test_local_prediction_uses_measured_costs() -> None:
     cost = measure_layer(hidden=64, heads=2, seq=32, micro_batch=2, threads=1, repeats=1)
     assert cost.forward > 0 and cost.backward > 0
-    rows = predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=LayerCost(0.01, 0.02, 50_000))
+    rows = predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=LayerCost(0.01, 0.02, 50_000),
+                         cores=4)  # fmt: skip
     by = {r["layout"]: r for r in rows}
     assert set(by) == {"dp2 tp1 pp1 mb2", "dp1 tp1 pp2 mb2", "dp1 tp2 pp1 mb2"}
     # pp=2: 4 micro-batches through 2 stages of 2 layers each, plus the simulated bubble
@@ -89,9 +90,9 @@ def test_local_prediction_with_a_core_each_counts_embedding_head_and_update() ->
     assert min(*got.embedding, *got.head) > 0 and 0 < got.update_per_param < 1e-3
     cost, parts = LayerCost(0.01, 0.02, 50_000), Parts((0.001, 0.002), (0.003, 0.004), 1e-8)
     bare = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
-                                                    cores=2)}  # fmt: skip
+                                                    cores=4)}  # fmt: skip
     full = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
-                                                    cores=2, parts=parts)}  # fmt: skip
+                                                    cores=4, parts=parts)}  # fmt: skip
     counts = layer_parameter_counts(GPTConfig(seq_len=32, d_model=64, n_heads=2, n_layers=4))
     # dp 2: each replica runs its 2 micro-batches through the embedding, the blocks and the
     # head, then updates every parameter
@@ -105,7 +106,7 @@ def test_local_prediction_with_a_core_each_counts_embedding_head_and_update() ->
 def test_local_tensor_parallel_halves_compute_and_pays_all_reduces() -> None:
     cost = LayerCost(0.01, 0.02, 50_000)
     rows = {r["layout"]: r for r in predict_local(4, 64, 2, 32, 2, 8, workers=2, cost=cost,
-                                                    cores=2)}  # fmt: skip
+                                                    cores=4)}  # fmt: skip
     tp = float(rows["dp1 tp2 pp1 mb2"]["step_time_s"])
     # 4 micro-batches x 4 layers x (F + B) / 2 of compute, plus 4 all-reduces per layer
     assert tp > 4 * 4 * 0.03 / 2
@@ -212,8 +213,11 @@ def test_plan_local_says_before_it_probes_a_busy_machine(
     assert code == 0 and rows and all(r["oversubscribed"] for r in rows)
     assert "8 workers share 2 cores: probing" in err and asked["workers"] == 8
     asked.clear()
-    code, _, err = run("--local --workers 2 --json", capsys)
-    assert code == 0 and "probing" not in err and not asked  # a core each: nothing to probe
+    code, _, err = run("--local --workers 2 --json", capsys)  # every core taken: probed too
+    assert code == 0 and "2 workers fill the 2 cores: probing" in err and asked["workers"] == 2
+    asked.clear()
+    code, _, err = run("--local --workers 1 --json", capsys)
+    assert code == 0 and "probing" not in err and not asked  # a core to spare: nothing to probe
 
 
 def test_local_prediction_takes_any_pipeline_depth() -> None:

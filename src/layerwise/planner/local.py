@@ -130,17 +130,18 @@ def predict_local(
     (split by parameters, as ``layerwise train`` does). ``cost`` (one block, timed alone) is
     measured when not given.
 
-    With no more workers than ``cores``, each worker has a core: the schedule is simulated
-    with the block's cost (tensor parallelism divides it by tp and adds its all-reduces), the
-    first stage's embedding and the last one's output layer and loss, and the slowest
-    worker's update follows (``parts``: measured with ``cost`` when neither is given, none
-    when only ``cost`` is).
-    With more, the workers share the cores, and what each part of a worker's work takes with
-    the whole job busy is measured (:mod:`layerwise.planner.local_probe`, unless ``loaded``
-    gives it). The schedule is then simulated with the cores shared among the processes that
-    can run (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble
-    leaves its share to the others; tensor-parallel groups run at the speed the probe measured
-    with that many processes busy), and the update (gradient norm, clipping, AdamW; with
+    With fewer workers than ``cores``, each worker has cores to itself: the schedule is
+    simulated with the block's cost (tensor parallelism divides it by tp and adds its
+    all-reduces), the first stage's embedding and the last one's output layer and loss, and
+    the slowest worker's update follows (``parts``: measured with ``cost`` when neither is
+    given, none when only ``cost`` is).
+    With as many or more, the workers fill or share the cores, and what each part of a
+    worker's work takes with the whole job busy is measured
+    (:mod:`layerwise.planner.local_probe`, unless ``loaded`` gives it). The schedule is then
+    simulated with the cores shared among the processes that can run
+    (:func:`layerwise.simulate_shared.simulate_shared`: a worker waiting in a bubble leaves its
+    share to the others; tensor-parallel groups run at the speed the probe measured with that
+    many processes busy), and the update (gradient norm, clipping, AdamW; with
     replicas, packing the gradients and their all-reduce) follows, at its loaded costs, with
     the step's small collectives (:meth:`LoadedCosts.step_collectives_s`).
     ``say`` is told, before the probe starts, that it runs and for about how long."""
@@ -148,7 +149,7 @@ def predict_local(
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
-        if parts is None and workers <= cores:
+        if parts is None and workers < cores:
             parts = measure_parts(hidden, heads, seq, micro_batch, threads)
     parts = parts or Parts()
     tps = [t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0]
@@ -156,10 +157,13 @@ def predict_local(
         GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
     )
     grid = _grid(workers, tps, layers)
-    if workers > cores and loaded is None:
+    # with every core taken, a block costs what it costs with all of them busy: two processes
+    # on 2 cores each ran a block 1.2x slower than one process alone (two runs here)
+    if workers >= cores and loaded is None:
         if say is not None:
-            say(f"{workers} workers share {cores} cores: probing this machine with "
-                f"{workers} busy processes (about half a minute)...")  # fmt: skip
+            how = "share" if workers > cores else "fill the"
+            say(f"{workers} workers {how} {cores} cores: probing this machine with "
+                f"{workers} busy processes (about a minute)...")  # fmt: skip
         sizes = sorted({size for layout in grid for size in layout})  # every group's size
         loaded = probe_loaded(workers, tps, sizes, hidden, heads, seq, micro_batch,
                               grad_bytes=4 * sum(counts), chain=min(CHAIN, layers))  # fmt: skip
