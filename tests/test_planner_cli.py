@@ -232,20 +232,23 @@ def test_local_prediction_takes_any_pipeline_depth() -> None:
 def test_the_probe_measures_every_part_with_all_processes_busy() -> None:
     from layerwise.planner.local_probe import probe_loaded
 
-    # three processes on this machine's cores, blocks split three ways (timed two in a row),
-    # replicas of three
-    got = probe_loaded(3, tps=[1, 3], sizes=[1, 3], hidden=48, heads=3, seq=16, micro_batch=1,
-                       grad_bytes=64_000, window_s=0.1, chain=2)  # fmt: skip
-    assert got.workers == 3 and set(got.block) == {1, 3} and set(got.allreduce) == {3}
+    # four processes on this machine's cores, blocks split two and four ways (timed two in a
+    # row), replicas of two and four
+    got = probe_loaded(4, tps=[1, 2, 4], sizes=[1, 2, 4], hidden=48, heads=4, seq=16,
+                       micro_batch=1, grad_bytes=64_000, window_s=0.1, chain=2)  # fmt: skip
+    assert got.workers == 4 and set(got.block) == {1, 2, 4} and set(got.allreduce) == {2, 4}
     for fwd, bwd in (got.embedding, got.head, *got.block.values()):
         assert 0 < fwd < 1 and 0 < bwd < 1
     assert got.message >= 0 and 0 < got.optimizer_per_param < 1e-3
-    assert set(got.sharded_update_per_param) == {3} and 0 < got.sharded_update_per_param[3] < 1
-    # blocks split 3 ways were also run with fewer processes busy: none here, 3 is the world
-    assert got.sharded_speed == {3: {}}
-    fixed, per_byte = got.allreduce[3]
+    assert set(got.sharded_update_per_param) == {2, 4}
+    assert all(0 < v < 1 for v in got.sharded_update_per_param.values())
+    # blocks split 2 ways were also run by one group of 2 while the other 2 processes waited;
+    # a group of 4 is the whole world: nothing to leave out
+    assert set(got.sharded_speed) == {2, 4} and got.sharded_speed[4] == {}
+    assert set(got.sharded_speed[2]) == {2} and 0 < got.sharded_speed[2][2] < 100
+    fixed, per_byte = got.allreduce[4]
     assert fixed > 0 and per_byte >= 0
-    assert got.allreduce_s(3, 64_000) >= fixed and got.allreduce_s(1, 64_000) == 0
+    assert got.allreduce_s(4, 64_000) >= fixed and got.allreduce_s(1, 64_000) == 0
     with pytest.raises(ValueError, match="chain must be at least 1"):
         probe_loaded(3, tps=[1], sizes=[1], hidden=48, heads=3, seq=16, micro_batch=1,
                      grad_bytes=64_000, chain=0)  # fmt: skip
