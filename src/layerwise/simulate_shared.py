@@ -17,7 +17,7 @@ replicas and tensor-parallel peers), which count ``copies`` times toward ``r``.
 
 Processor sharing holds for processes that compute alone. Tensor-parallel peers do not: each
 all-reduce waits until all of a group's members hold a core, so a group of 4 on 2 cores runs
-only 1.4x faster with the other processes idle, where sharing says 2x (measured, 8 processes
+only 1.4-1.6x faster with the other processes idle, where sharing says 2x (measured, 8 processes
 on 2 cores). ``speeds`` then gives the measured speed for a number of runnable processes.
 """
 
