@@ -146,10 +146,13 @@ def predict_local(
     the step's small collectives (:meth:`LoadedCosts.step_collectives_s`).
     ``say`` is told, before the probe starts, that it runs and for about how long."""
     cores = cores or os.cpu_count() or 1
+    # with every core taken, a block costs what it costs with all of them busy: two processes
+    # on 2 cores each ran a block 1.2x slower than one process alone (two runs here)
+    probed = workers >= cores
     if cost is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         cost = measure_layer(hidden, heads, seq, micro_batch, threads)
-        if parts is None and workers < cores:
+        if parts is None and not probed:
             parts = measure_parts(hidden, heads, seq, micro_batch, threads)
     parts = parts or Parts()
     tps = [t for t in range(1, workers + 1) if workers % t == 0 and heads % t == 0]
@@ -157,9 +160,7 @@ def predict_local(
         GPTConfig(seq_len=seq, d_model=hidden, n_heads=heads, n_layers=layers)
     )
     grid = _grid(workers, tps, layers)
-    # with every core taken, a block costs what it costs with all of them busy: two processes
-    # on 2 cores each ran a block 1.2x slower than one process alone (two runs here)
-    if workers >= cores and loaded is None:
+    if probed and loaded is None:
         if say is not None:
             how = "share" if workers > cores else "fill the"
             say(f"{workers} workers {how} {cores} cores: probing this machine with "

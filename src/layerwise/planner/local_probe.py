@@ -216,10 +216,13 @@ def _probe(
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq))
     x = torch.randn(micro_batch, seq, hidden, requires_grad=True)
 
+    def sum_backward(y: Any) -> None:
+        y.sum().backward()
+
     def piece(forward: Callable[[], Any], collective: bool = False) -> tuple[float, float]:
         if collective:
-            return _collective(forward, lambda y: y.sum().backward(), window, SHARDED_RUNS)
-        return _windowed(forward, lambda y: y.sum().backward(), window)
+            return _collective(forward, sum_backward, window, SHARDED_RUNS)
+        return _windowed(forward, sum_backward, window)
 
     def per_block(fwd_bwd: tuple[float, float]) -> tuple[float, float]:
         return fwd_bwd[0] / chain, fwd_bwd[1] / chain
@@ -235,8 +238,9 @@ def _probe(
                                   for _ in range(chain)))  # fmt: skip
         out["block"][tp] = per_block(piece(partial(sharded, x), collective=True))
         out["sharded_update"][tp] = _update(sharded, window)[0]
+        chain_s = sum(out["block"][tp]) * chain  # forward + backward, all processes busy
         out["sharded_speed"][tp] = _fewer_busy(rank, world, tp, partial(sharded, x),
-                                               sum(out["block"][tp]) * chain)  # fmt: skip
+                                               sum_backward, chain_s)  # fmt: skip
     out["message"] = _message(rank, world, block, x, window)
     out["optimizer_per_param"], out["pack_per_param"] = _update(block, window)
     out["allreduce"] = {}
@@ -251,10 +255,11 @@ def _probe(
 
 
 def _fewer_busy(
-    rank: int, world: int, tp: int, forward: Callable[[], Any], all_busy: float
-) -> dict[int, float | None]:
-    """Busy processes -> how much faster a sharded piece (``forward``, then the backward of
-    its sum) runs with only the first that many processes running it, whole tensor-parallel
+    rank: int, world: int, tp: int, forward: Callable[[], Any], backward: Callable[[Any], None],
+    all_busy: float,
+) -> dict[int, float | None]:  # fmt: skip
+    """Busy processes -> how much faster a sharded piece (``forward``, then ``backward`` of its
+    output) runs with only the first that many processes running it, whole tensor-parallel
     groups, and the rest waiting; ``all_busy`` is its seconds with every process running it.
     None where this rank waited. Every rank calls it."""
     import torch.distributed as dist
@@ -265,11 +270,10 @@ def _fewer_busy(
         out[busy] = None
         if rank < busy:
             for _ in range(WARM_UP):
-                forward().sum().backward()
+                backward(forward())
             dist.barrier(group=group)
-            runs = [sum(time_once(forward, lambda y: y.sum().backward()))
-                    for _ in range(SHARDED_RUNS)]  # fmt: skip
-            out[busy] = all_busy / statistics.fmean(runs)
+            runs = [time_once(forward, backward) for _ in range(SHARDED_RUNS)]
+            out[busy] = all_busy / sum(_typical(runs))
         dist.barrier()  # the waiting ranks wait here, as a stage in a bubble waits
     return out
 
