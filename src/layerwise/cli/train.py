@@ -33,8 +33,15 @@ FLAGS: dict[str, tuple[type, str]] = {
     "precision": (str, "fp32 | bf16"),
     "model": (
         str,
-        "model family, by name: gpt, or a Hugging Face decoder (needs transformers) "
-        "hf:gpt2 | hf:llama | hf:mistral | hf:qwen2 | hf:gemma2 | hf:phi3",
+        "a model directory (save_pretrained, or layerwise export) whose weights, sizes and "
+        "tokenizer start the run; or a family by name, with fresh weights: gpt, or a Hugging "
+        "Face decoder (needs transformers) hf:gpt2 | hf:llama | hf:mistral | hf:qwen2 | "
+        "hf:gemma2 | hf:phi3",
+    ),
+    "tokenizer": (
+        str,
+        "a Hugging Face tokenizer directory, local files only (default: the model "
+        "directory's, else bytes)",
     ),
     "hf_config": (
         str,
@@ -50,7 +57,13 @@ FLAGS: dict[str, tuple[type, str]] = {
     "lr": (float, "peak learning rate"),
     "seed": (int, "seed for weights and batches"),
     "device": (str, "cpu | cuda"),
-    "data": (str, "text file or folder (default: this Python's standard library source)"),
+    "data": (
+        str,
+        "a text file, a folder of text files, .jsonl, .parquet or a datasets.save_to_disk "
+        "directory; records hold text, prompt/response or chat messages (default: this "
+        "Python's standard library source)",
+    ),
+    "text_field": (str, "the field of a record that holds its text"),
     "eval_interval": (int, "steps between validation losses"),
     "save_interval": (int, "steps between checkpoints"),
     "timeout": (float, "seconds any worker waits for a peer before failing"),
@@ -99,6 +112,13 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="share the token embedding with the output head",
     )
+    p.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        default=None,
+        help="one document per row, padded, instead of packing documents into rows",
+    )
     p.add_argument("--run-dir", help="where the run is written (default: runs/<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.set_defaults(func=run)
@@ -108,21 +128,29 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     """Return (the run's TrainConfig, whether it resumes a saved run); bad sizes and layouts
     raise ValueError here, before any process starts."""
     from layerwise.job.config import TrainConfig, check_config, load_config
+    from layerwise.job.feed import prepare_data, settle_vocabulary
+    from layerwise.job.model_source import hf_sizes, resolve
 
     given = {
-        k: getattr(args, k) for k in [*FLAGS, "tie_embeddings"] if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in [*FLAGS, "tie_embeddings", "pack"]
+        if getattr(args, k) is not None
     }
     if args.resume:
         run_dir = Path(args.resume)
         saved = load_config(run_dir)
         cfg = dataclasses.replace(saved, **given, run_dir=str(run_dir))
         check_resumable(run_dir, saved, cfg)
-        check_config(cfg)
+        prepare_data(cfg, check_config(cfg))  # the cache again, or the same one found
         return cfg, True
-    if given.get("hf_config") is not None:  # workers and later commands may run elsewhere
-        given["hf_config"] = str(Path(given["hf_config"]).resolve())
-    cfg = TrainConfig(**given)
-    check_config(cfg)
+    # paths made absolute: workers and later commands may run elsewhere
+    cfg = TrainConfig(**resolve(given))
+    settle_vocabulary(cfg)
+    family = check_config(cfg)
+    if cfg.hf_config is not None:  # config.json records the model's real sizes
+        for key, value in hf_sizes(family.config).items():  # type: ignore[attr-defined]
+            setattr(cfg, key, value)
+    prepare_data(cfg, family)
     cfg.run_dir = args.run_dir or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     return cfg, False
 

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from layerwise.job.data import require_text
 from layerwise.runtime.executor import RECOMPUTE_MODES
 from layerwise.schedules import chunks_for, get, problems, specs
 
@@ -120,14 +119,12 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_data(path: str | None) -> None:
-    """The corpus exists and is text (the job reads bytes: a binary file would train)."""
+    """The corpus exists and is of a form the job reads (a binary file would train)."""
     if path is None:
         return
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--data {path!r} does not exist; give a text file or a folder")
-    if p.is_file():
-        require_text(p)
+    from layerwise.job.documents import open_corpus
+
+    open_corpus(path)
 
 
 def check_run(cfg: Any, num_layers: int, local_workers: int | None = None) -> None:

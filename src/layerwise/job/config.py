@@ -29,6 +29,12 @@ class TrainConfig:
     precision: str = "fp32"
     model: str = "gpt"  # a model family's name (models.family); older config.json files: gpt
     hf_config: str | None = None  # hf:* families: a Hugging Face config.json (absolute path)
+    weights: str | None = None  # a model directory whose weights start the run (--model DIR)
+    tokenizer: str | None = None  # a tokenizer directory (absolute); None: bytes
+    vocab_size: int | None = None  # our GPT's embedding rows (None: 256, bytes)
+    text_field: str = "text"  # the field of a JSON lines / Parquet / datasets record
+    pack: bool = True  # pack documents into rows (False: one document per row, padded)
+    tokens: str | None = None  # the token cache the workers map (set before they start)
     layers: int = 4
     d_model: int = 128
     heads: int = 4
@@ -58,6 +64,13 @@ class TrainConfig:
         """Return the model this run trains: its family, built from the run's sizes (or, for
         a Hugging Face family, from ``hf_config`` when it is given)."""
         extra: dict[str, Any] = {}
+        if self.weights is not None:
+            if self.model.startswith("hf"):
+                extra["checkpoint"] = self.weights
+            else:
+                extra["weights"] = str(Path(self.weights) / "model.safetensors")
+        if self.vocab_size is not None and not self.model.startswith("hf"):
+            extra["vocab_size"] = self.vocab_size
         if self.hf_config is not None:
             if not self.model.startswith("hf"):
                 raise ValueError(
@@ -83,7 +96,8 @@ class TrainConfig:
     def architecture(self) -> dict[str, Any]:
         """The fields that shape the model's tensors: a resumed run must keep them (its
         layout, schedule and hyper-parameters may change)."""
-        keys = ("model", "hf_config", "layers", "d_model", "heads", "seq_len", "tie_embeddings")
+        keys = ("model", "hf_config", "layers", "d_model", "heads", "seq_len", "tie_embeddings",
+                "vocab_size")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 
@@ -101,8 +115,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig(**saved)
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ValueError if the model's sizes or the layout cannot run; no process needed."""
+def check_config(cfg: TrainConfig) -> ModelFamily:
+    """Raise ValueError if the model's sizes or the layout cannot run; no process needed.
+    Return the run's model family."""
     family = cfg.family()
     check_run(cfg, family.num_layers)
     family.check(cfg.grid())
+    return family

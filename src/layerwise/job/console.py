@@ -17,7 +17,8 @@ class Console:
     """Rank 0's progress display for steps ``start`` .. ``total``."""
 
     def __init__(self, label: str, total: int, start: int, stream: TextIO | None = None,
-                 tty: bool | None = None) -> None:  # fmt: skip
+                 tty: bool | None = None, unit: str = "byte") -> None:  # fmt: skip
+        self.unit = unit  # what the loss is per: a byte, or a token of the run's tokenizer
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.label, self.total = label, total
@@ -67,7 +68,7 @@ class Console:
         val_text = f", validation loss {val:.3f}" if val is not None else ""
         self._line(
             f"done: {len(records)} steps to step {last['step'] + 1}; training loss "
-            f"{last['loss']:.3f}{val_text} (nats per byte); {speeds[len(speeds) // 2]:.0f} "
+            f"{last['loss']:.3f}{val_text} (nats per {self.unit}); {speeds[len(speeds) // 2]:.0f} "
             f"tokens/s (median); run directory {run_dir}"
         )
         self._line(f"next: layerwise diagnose {run_dir}   |   layerwise generate {run_dir}")

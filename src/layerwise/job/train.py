@@ -74,7 +74,8 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> dict[str, Any]:
             print(describe_prediction(prediction), flush=True)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's own
     log = RunLog(run_dir, start, restarted) if rank == 0 else None
-    console = Console(_layout_label(cfg), cfg.steps, start) if rank == 0 else None
+    unit = "byte" if cfg.tokenizer is None else "token"
+    console = Console(_layout_label(cfg), cfg.steps, start, unit=unit) if rank == 0 else None
     scalars = Scalars(run_dir) if rank == 0 else None
     records: list[dict[str, Any]] = []
     record: dict[str, Any] = {}

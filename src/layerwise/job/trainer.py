@@ -21,7 +21,7 @@ from layerwise.job import checkpoints as ckpt
 from layerwise.job.autoschedule import adopt_searched
 from layerwise.job.checks import parse_balance
 from layerwise.job.config import TrainConfig
-from layerwise.job.data import Batcher, load_splits
+from layerwise.job.feed import Feed, make_feed
 from layerwise.job.guard import StepGuard
 from layerwise.parallel.data import GradReducer
 from layerwise.parallel.mesh import Grid, build_mesh
@@ -190,17 +190,11 @@ class Trainer:
         self.opt, self.inner = _build_optimizer(cfg, groups, self.params)
         self.guard = StepGuard(max_nonfinite=cfg.max_nonfinite, warmup=cfg.warmup)
         self.done = 0  # steps whose update is applied (or skipped by the guard)
-        self.batcher: Batcher | None = None
-        self.val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.feed: Feed | None = None
+        self.val: list[tuple[Any, Any]] = []
         if self.pipe.is_first or self.pipe.is_last:  # only they touch tokens
-            # validation holds out whole files, drawn from the same corpus (job.data)
-            train_text, val_text = load_splits(cfg.data, cfg.data_bytes, 0.1)
-            train_tokens, val_tokens = (torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
-                                        for b in (train_text, val_text))  # fmt: skip
-            self.batcher = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-            val = Batcher(val_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-            self.val = [(vx, self.family.lm_targets(vx, vy))
-                        for vx, vy in val.eval_batches(cfg.eval_batches)]  # fmt: skip
+            self.feed = make_feed(cfg, self.family)
+            self.val = self.feed.validation(cfg.eval_batches)
 
     def resume(self, required: bool) -> int:
         """Load the newest whole checkpoint, whatever layout wrote it; return the step to
@@ -292,9 +286,8 @@ class Trainer:
         """Batch ``step`` as this rank passes it to the pipeline: inputs on the first stage's
         worker, targets on the last's, None elsewhere; each replica gets its share."""
         x, y = (None, None)
-        if self.batcher is not None:
-            x, y = self.batcher.get_batch(step, self.groups.dp_rank, self.groups.layout.dp)
-            y = self.family.lm_targets(x, y)
+        if self.feed is not None:
+            x, y = self.feed.batch(step, self.groups.dp_rank, self.groups.layout.dp)
         pipe = self.pipe
         return (x if pipe.is_first else None), (y if pipe.is_last else None)
 

@@ -81,6 +81,17 @@ class ModelFamily(ABC):
         is ``next_tokens``; a family whose loss shifts labels itself returns ``tokens``."""
         return next_tokens
 
+    def lm_batch(self, rows: Any) -> tuple[Any, Tensor]:
+        """Return (inputs, targets) for a batch of token rows (``job.rows.RowBatch``: ids,
+        labels with -100 where not counted, position ids, padding mask; each (B, T + 1)). The
+        default feeds ids [:, :-1] and targets the labels one token later, for a model that
+        takes token ids alone."""
+        return rows.ids[:, :-1].contiguous(), rows.labels[:, 1:].contiguous()
+
+    def embedding_rows(self) -> int | None:
+        """How many token ids the model's embedding takes (None: not known)."""
+        return None
+
     def loss_reduction(self) -> str | Callable[[Any], float]:
         """Return how a step weighs its micro-batches' losses (``Pipeline(loss_reduction=)``):
         ``rows`` (the default: by their number of samples), ``tokens``, or a function of a

@@ -320,22 +320,47 @@ BLOCK_PLAN: TensorParallelPlan = {
 }
 
 
+class PretrainedLayer:
+    """Layer ``index`` built as usual, then overwritten by its tensors in an exported model's
+    ``model.safetensors`` (named by layer index: '3.mlp.fc_in.weight'); picklable."""
+
+    def __init__(self, config: GPTConfig, index: int, weights: str) -> None:
+        self.config, self.index, self.weights = config, index, weights
+
+    def __call__(self) -> nn.Module:
+        from layerwise.models.safetensors_io import load_prefixed
+
+        module = _build_layer(self.config, self.index)
+        load_prefixed(module, self.weights, f"{self.index}.")
+        return module
+
+
 class GPTFamily(ModelFamily):
-    """The GPT of this module as a model family: [Embedding, Block 0..L-1, Head]."""
+    """The GPT of this module as a model family: [Embedding, Block 0..L-1, Head];
+    ``weights``: an exported model's safetensors file to start from."""
 
     name = "gpt"
 
-    def __init__(self, config: GPTConfig) -> None:
-        self.config = config
+    def __init__(self, config: GPTConfig, weights: str | None = None) -> None:
+        self.config, self.weights = config, weights
 
     @classmethod
     def from_config(cls, **config: Any) -> GPTFamily:
-        """Return the family of ``GPTConfig(**config)``; ValueError names unknown options."""
+        """Return the family of ``GPTConfig(**config)`` (and ``weights``, a safetensors file
+        written by ``layerwise export``); ValueError names unknown options."""
+        weights = config.pop("weights", None)
         unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
         if unknown:
-            known = [f.name for f in fields(GPTConfig)]
+            known = [f.name for f in fields(GPTConfig)] + ["weights"]
             raise ValueError(f"the gpt model family has no option {unknown}; its options: {known}")
-        return cls(GPTConfig(**config))
+        return cls(GPTConfig(**config), None if weights is None else str(weights))
+
+    def embedding_rows(self) -> int | None:
+        return self.config.vocab_size
+
+    def loss_reduction(self) -> str:
+        """By counted targets: rows of a padded or masked batch count what they hold."""
+        return "tokens"
 
     @property
     def num_layers(self) -> int:
@@ -345,6 +370,9 @@ class GPTFamily(ModelFamily):
         return f"{self.config.n_layers} blocks plus the embedding and the head"
 
     def layers(self) -> list[LayerFactory]:
+        if self.weights is not None:
+            return [PretrainedLayer(self.config, i, self.weights)
+                    for i in range(self.config.num_layers_total)]  # fmt: skip
         return gpt_layers(self.config)
 
     def loss_fn(self, output: Tensor, target: Tensor) -> Tensor:

@@ -259,6 +259,18 @@ class HFDecoderFamily(ModelFamily):
         """The inputs themselves: the model's loss shifts its labels."""
         return tokens
 
+    def lm_batch(self, rows: Any) -> tuple[Any, Tensor]:
+        """The model's own inputs (ids, position ids restarting per document, the padding
+        mask when rows are padded) and its labels, which it shifts itself."""
+        inputs = {"input_ids": rows.ids[:, :-1].contiguous(),
+                  "position_ids": rows.positions[:, :-1].contiguous()}  # fmt: skip
+        if rows.mask is not None:
+            inputs["attention_mask"] = rows.mask[:, :-1].contiguous()
+        return inputs, rows.labels[:, :-1].contiguous()
+
+    def embedding_rows(self) -> int | None:
+        return int(self.config.vocab_size)
+
     def loss_reduction(self) -> Any:
         """Micro-batches weigh by their counted labels, as the model averages over tokens."""
         return label_tokens
