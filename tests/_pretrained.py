@@ -105,8 +105,10 @@ def text_records(n: int = 60) -> list[dict[str, Any]]:
 
 def sft_records(n: int = 40) -> list[dict[str, Any]]:
     words = local_text().split()
-    return [{"prompt": " ".join(words[i : i + 6]) + "?", "response": " ".join(words[i + 6 : i + 14])}
-            for i in range(0, 14 * n, 14)]  # fmt: skip
+    return [
+        {"prompt": " ".join(words[i : i + 6]) + "?", "response": " ".join(words[i + 6 : i + 14])}
+        for i in range(0, 14 * n, 14)
+    ]
 
 
 def chat_records(n: int = 20) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The ``layerwise`` command: one module per subcommand (simulate, plan, train, generate,
-diagnose); this package only assembles them and turns bad input into one line."""
+diagnose, export); this package only assembles them and turns bad input into one line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from layerwise.cli import diagnose, generate, plan, simulate, train
+from layerwise.cli import diagnose, export, generate, plan, simulate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer-wise model parallelism: split consecutive layers across workers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (simulate, plan, train, generate, diagnose):
+    for command in (simulate, plan, train, generate, diagnose, export):
         command.add_parser(sub)
     return parser
 

@@ -143,7 +143,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Record]]:
             if not isinstance(record, dict):
                 raise ValueError(
                     f"--data {str(path)!r} line {number} is a JSON {type(record).__name__}, "
-                    f"not an object; write one object per line, such as {{\"text\": \"...\"}}"
+                    f'not an object; write one object per line, such as {{"text": "..."}}'
                 )
             yield record_key(record), record
 

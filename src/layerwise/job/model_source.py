@@ -15,8 +15,8 @@ from typing import Any
 
 from layerwise.job.tokenizer import has_tokenizer
 from layerwise.models.family import FAMILIES
+from layerwise.models.pretrained import GPT_TYPE
 
-GPT_TYPE = "layerwise-gpt"  # model_type of an exported GPT's config.json
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 

@@ -202,8 +202,7 @@ def _load_hf(path: Path) -> Any:
         from tokenizers import Tokenizer as RawTokenizer
     except ImportError as err:
         raise ValueError(
-            "--tokenizer needs Hugging Face tokenizers or transformers: "
-            "pip install 'layerwise[hf]'"
+            "--tokenizer needs Hugging Face tokenizers or transformers: pip install 'layerwise[hf]'"
         ) from err
     file = path if path.is_file() else path / "tokenizer.json"
     return _RawAdapter(RawTokenizer.from_file(str(file)))

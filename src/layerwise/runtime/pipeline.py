@@ -143,7 +143,20 @@ class Pipeline:
         """
         from layerwise.models.hf import hf_family
 
-        family = hf_family(model_or_config, checkpoint, family)
+        return cls.of_family(hf_family(model_or_config, checkpoint, family), **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **options: Any) -> Pipeline:
+        """Return the pipeline of the model directory ``path``: one that save_pretrained
+        wrote (as :meth:`from_hf`) or that ``layerwise export`` wrote from our GPT; each
+        worker reads only its own layers' weights."""
+        from layerwise.models.pretrained import family_from_dir
+
+        return cls.of_family(family_from_dir(path), **options)
+
+    @classmethod
+    def of_family(cls, family: Any, **options: Any) -> Pipeline:
+        """Return the pipeline of a model family's layers, with its loss and ties."""
         options.setdefault("loss_fn", family.loss_fn)
         options.setdefault("loss_reduction", family.loss_reduction())
         tied = [*options.pop("tied", ()), *family.tied_parameters()]

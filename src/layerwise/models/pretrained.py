@@ -1,0 +1,41 @@
+"""A model directory as a model family: what ``Pipeline.from_pretrained`` reads.
+
+A directory that ``save_pretrained`` wrote (a Hugging Face decoder, read through
+:func:`layerwise.models.hf.hf_family`), or one that ``layerwise export`` wrote from our own
+GPT (``config.json`` with ``model_type`` ``layerwise-gpt`` and ``model.safetensors`` named by
+layer index). Either way each worker reads only its own layers' tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from layerwise.models.family import ModelFamily
+
+GPT_TYPE = "layerwise-gpt"  # model_type of an exported GPT's config.json
+GPT_FIELDS = {"layers": "n_layers", "d_model": "d_model", "heads": "n_heads",
+              "seq_len": "seq_len", "tie_embeddings": "tie_embeddings",
+              "vocab_size": "vocab_size"}  # fmt: skip
+
+
+def family_from_dir(path: str | Path, **options: Any) -> ModelFamily:
+    """The family of the model in ``path``, its weights read from there; ``options`` go to
+    a Hugging Face family (``attn_implementation``, ``family``)."""
+    root = Path(path)
+    config = root / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{root} holds no config.json; give a directory that save_pretrained or "
+            f"layerwise export wrote"
+        )
+    data = json.loads(config.read_text())
+    if data.get("model_type") == GPT_TYPE:
+        from layerwise.models.gpt import GPTConfig, GPTFamily
+
+        sizes = {ours: data[theirs] for theirs, ours in GPT_FIELDS.items() if theirs in data}
+        return GPTFamily(GPTConfig(**sizes), weights=str(root / "model.safetensors"))
+    from layerwise.models.hf import hf_family
+
+    return hf_family(root, family=options.get("family"))
