@@ -106,8 +106,8 @@ def text_records(n: int = 60) -> list[dict[str, Any]]:
 def sft_records(n: int = 40) -> list[dict[str, Any]]:
     words = local_text().split()
     return [
-        {"prompt": " ".join(words[i : i + 6]) + "?", "response": " ".join(words[i + 6 : i + 14])}
-        for i in range(0, 14 * n, 14)
+        {"prompt": " ".join(words[i : i + 3]) + "?", "response": " ".join(words[i + 3 : i + 7])}
+        for i in range(0, 7 * n, 7)
     ]
 
 

@@ -402,10 +402,10 @@ def test_train_data_that_is_binary_or_missing(
     binary.write_bytes(b"text then \x00\x01\x02")
     run = str(tmp_path / "run")
     err = fails(["train", "--data", str(binary), "--run-dir", run], capsys)
-    assert f"--data {str(binary)!r} is not text (it holds NUL bytes)" in err
+    assert f"--data {str(binary)!r} is neither text (it holds NUL bytes) nor .jsonl" in err
     missing = tmp_path / "nope.txt"
     err = fails(["train", "--data", str(missing), "--run-dir", run], capsys)
-    assert f"--data {str(missing)!r} does not exist; give a text file or a folder" in err
+    assert f"--data {str(missing)!r} does not exist; give a file or a folder" in err
 
 
 def test_train_resume_of_a_directory_that_is_not_a_run(

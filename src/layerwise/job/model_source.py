@@ -104,11 +104,22 @@ def resolve(given: dict[str, Any]) -> dict[str, Any]:
             )
         if out.get("tokenizer") is None and has_tokenizer(directory):
             out["tokenizer"] = str(directory)
+    if out.get("hf_config") is not None and out.get("seq_len") is None:
+        out["seq_len"] = _default_length(Path(out["hf_config"]))
     if out.get("tokenizer") is not None:
         out["tokenizer"] = str(Path(out["tokenizer"]).resolve())
     if out.get("seq_len") is None:
         out.pop("seq_len", None)
     return out
+
+
+def _default_length(config: Path) -> int:
+    """The job's default sequence length, or the model's context when that is shorter."""
+    from layerwise.job.config import TrainConfig
+
+    data = json.loads(config.read_text())
+    limit = data.get("max_position_embeddings") or data.get("n_positions")
+    return min(TrainConfig.seq_len, int(limit)) if limit else TrainConfig.seq_len
 
 
 def hf_sizes(config: Any) -> dict[str, Any]:
