@@ -8,6 +8,8 @@ resumed on another layout reads the same token cache."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -24,6 +26,8 @@ import torch
 import transformers
 
 import _pretrained as pre
+from layerwise.cli import build_parser
+from layerwise.cli.train import config_from_args
 from layerwise.job import checkpoints as ckpt
 from layerwise.job.ckpt_files import newest_good
 from layerwise.job.config import load_config
@@ -159,7 +163,7 @@ def test_qwen2_chat_messages_unpacked(home: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_a_configuration_only_directory_samples_bytes_within_the_tokenizer(
-    home: Path,
+    home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--hf-config on a directory with weights says so; a larger vocabulary than bytes
     samples only byte ids (it crashed decoding ids above 255)."""
@@ -167,10 +171,13 @@ def test_a_configuration_only_directory_samples_bytes_within_the_tokenizer(
     sizes.mkdir()
     (sizes / "config.json").write_text((home / "llama" / "config.json").read_text())
     run = home / "bytes-run"
-    said = cli(home, "train", "--model", "hf:llama", "--hf-config", str(home / "llama"),
-               "--workers", "2", "--steps", "1", "--run-dir", str(home / "weights-ignored"),
-               "--data", str(home / "text.jsonl"), *SIZES)  # fmt: skip
-    assert "also holds weights; to start from them, give --model" in said
+    monkeypatch.setenv("LAYERWISE_CACHE", str(home / "cache"))
+    args = build_parser().parse_args(["train", "--model", "hf:llama", "--hf-config",
+                                      str(home / "llama"), "--data", str(home / "text.jsonl"),
+                                      *SIZES])  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        config_from_args(args)  # checks and tokenizes; starts no worker
+    assert "also holds weights; to start from them, give --model" in said.getvalue()
     cli(home, "train", "--model", "hf:llama", "--hf-config", str(sizes), "--workers", "2",
         "--steps", "2", "--run-dir", str(run), *SIZES)  # fmt: skip
     cfg = load_config(run)

@@ -6,6 +6,7 @@ line before any worker starts."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,7 @@ def test_the_cache_is_built_once_and_holds_out_whole_documents(
         split = open_split(folder, name)
         assert isinstance(split.ids, np.memmap)
         starts = np.asarray(split.starts)
-        docs[name] = [
-            tok.decode(split.ids[a:b].tolist()) for a, b in zip(starts[:-1], starts[1:], strict=True)
-        ]
+        docs[name] = [tok.decode(split.ids[a:b].tolist()) for a, b in itertools.pairwise(starts)]
         assert all(np.asarray(split.ids)[b - 1] == tok.eos_id for b in starts[1:])
     assert 0 < len(docs["val"]) < len(docs["train"])
     assert len(docs["val"]) + len(docs["train"]) == len(records)

@@ -211,8 +211,9 @@ def _write_config(cfg: TrainConfig, family: Any, out: Path, dtype: torch.dtype, 
     config.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16",
                     torch.float16: "float16"}[dtype]  # fmt: skip
     if not getattr(config, "architectures", None):
-        model_class = transformers.AutoModelForCausalLM._model_mapping[type(config)]
-        config.architectures = [model_class.__name__]
+        from layerwise.models.hf_weights import skeleton
+
+        config.architectures = [type(skeleton(family.source)).__name__]  # built on meta
     config.save_pretrained(str(out))
     source = Path(cfg.weights or "", "generation_config.json")
     if cfg.weights is not None and source.exists():
