@@ -320,21 +320,6 @@ BLOCK_PLAN: TensorParallelPlan = {
 }
 
 
-class PretrainedLayer:
-    """Layer ``index`` built as usual, then overwritten by its tensors in an exported model's
-    ``model.safetensors`` (named by layer index: '3.mlp.fc_in.weight'); picklable."""
-
-    def __init__(self, config: GPTConfig, index: int, weights: str) -> None:
-        self.config, self.index, self.weights = config, index, weights
-
-    def __call__(self) -> nn.Module:
-        from layerwise.models.safetensors_io import load_prefixed
-
-        module = _build_layer(self.config, self.index)
-        load_prefixed(module, self.weights, f"{self.index}.")
-        return module
-
-
 class GPTFamily(ModelFamily):
     """The GPT of this module as a model family: [Embedding, Block 0..L-1, Head];
     ``weights``: an exported model's safetensors file to start from."""
@@ -371,6 +356,8 @@ class GPTFamily(ModelFamily):
 
     def layers(self) -> list[LayerFactory]:
         if self.weights is not None:
+            from layerwise.models.pretrained import PretrainedLayer
+
             return [PretrainedLayer(self.config, i, self.weights)
                     for i in range(self.config.num_layers_total)]  # fmt: skip
         return gpt_layers(self.config)

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from layerwise.models.family import ModelFamily
+from layerwise.models.safetensors_io import load_prefixed
 
 GPT_TYPE = "layerwise-gpt"  # model_type of an exported GPT's config.json
 GPT_FIELDS = {"layers": "n_layers", "d_model": "d_model", "heads": "n_heads",
@@ -39,3 +42,18 @@ def family_from_dir(path: str | Path, **options: Any) -> ModelFamily:
     from layerwise.models.hf import hf_family
 
     return hf_family(root, family=options.get("family"))
+
+
+class PretrainedLayer:
+    """Layer ``index`` built as usual, then overwritten by its tensors in an exported model's
+    ``model.safetensors`` (named by layer index: '3.mlp.fc_in.weight'); picklable."""
+
+    def __init__(self, config: Any, index: int, weights: str) -> None:
+        self.config, self.index, self.weights = config, index, weights
+
+    def __call__(self) -> nn.Module:
+        from layerwise.models.gpt import _build_layer
+
+        module = _build_layer(self.config, self.index)
+        load_prefixed(module, self.weights, f"{self.index}.")
+        return module
