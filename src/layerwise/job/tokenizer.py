@@ -121,9 +121,11 @@ class HFTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         digest = hashlib.blake2b(digest_size=16)
-        root = self.path if self.path.is_dir() else self.path.parent
+        if self.path.is_file():  # a tokenizer.json by any name: its own bytes
+            digest.update(self.path.read_bytes())
+            return digest.hexdigest()
         for name in TOKENIZER_FILES:
-            f = root / name
+            f = self.path / name
             if f.is_file():
                 digest.update(name.encode() + b"\0" + f.read_bytes())
         return digest.hexdigest()
