@@ -26,7 +26,7 @@ import torch
 from layerwise.job.ckpt_files import newest_good, step_dirs, verify
 from layerwise.job.config import TrainConfig, load_config
 from layerwise.job.tokenizer import load_tokenizer
-from layerwise.models.pretrained import GPT_TYPE
+from layerwise.models.pretrained import GPT_FIELDS, GPT_TYPE
 from layerwise.models.safetensors_io import Spec, StreamWriter, nbytes
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,10 +199,8 @@ def _cut(specs: list[tuple[int, str, Spec]], limit: int) -> list[list[tuple[int,
 
 def _write_config(cfg: TrainConfig, family: Any, out: Path, dtype: torch.dtype, hf: bool) -> None:
     if not hf:
-        c = family.config
-        data = {"model_type": GPT_TYPE, "layers": c.n_layers, "d_model": c.d_model,
-                "heads": c.n_heads, "seq_len": c.seq_len, "tie_embeddings": c.tie_embeddings,
-                "vocab_size": c.vocab_size, "dtype": _DTYPE_NAME[dtype]}  # fmt: skip
+        sizes = {key: getattr(family.config, field) for key, field in GPT_FIELDS.items()}
+        data = {"model_type": GPT_TYPE, **sizes, "dtype": _DTYPE_NAME[dtype]}
         (out / "config.json").write_text(json.dumps(data, indent=2))
         return
     import transformers

@@ -15,7 +15,7 @@ from typing import Any
 
 from layerwise.job.tokenizer import has_tokenizer
 from layerwise.models.family import FAMILIES
-from layerwise.models.pretrained import GPT_TYPE
+from layerwise.models.pretrained import GPT_FIELDS, GPT_TYPE
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -70,9 +70,8 @@ def resolve(given: dict[str, Any]) -> dict[str, Any]:
         model_type = data["model_type"]
         if model_type == GPT_TYPE:
             out["model"] = "gpt"
-            out.update({k: data[k] for k in ("layers", "d_model", "heads", "tie_embeddings",
-                                             "vocab_size") if k in data})  # fmt: skip
-            out.setdefault("seq_len", data.get("seq_len"))
+            out.update({k: data[k] for k in GPT_FIELDS if k in data and k != "seq_len"})
+            out.setdefault("seq_len", data.get("seq_len"))  # a --seq-len given wins
         elif f"hf:{model_type}" in FAMILIES:
             out["model"] = f"hf:{model_type}"
             out["hf_config"] = str(config)

@@ -18,6 +18,7 @@ from layerwise.models.family import ModelFamily
 from layerwise.models.safetensors_io import load_prefixed
 
 GPT_TYPE = "layerwise-gpt"  # model_type of an exported GPT's config.json
+# an exported GPT's config.json key (the job's flag name) -> its GPTConfig field
 GPT_FIELDS = {"layers": "n_layers", "d_model": "d_model", "heads": "n_heads",
               "seq_len": "seq_len", "tie_embeddings": "tie_embeddings",
               "vocab_size": "vocab_size"}  # fmt: skip
@@ -37,7 +38,7 @@ def family_from_dir(path: str | Path, **options: Any) -> ModelFamily:
     if data.get("model_type") == GPT_TYPE:
         from layerwise.models.gpt import GPTConfig, GPTFamily
 
-        sizes = {ours: data[theirs] for theirs, ours in GPT_FIELDS.items() if theirs in data}
+        sizes = {field: data[key] for key, field in GPT_FIELDS.items() if key in data}
         return GPTFamily(GPTConfig(**sizes), weights=str(root / "model.safetensors"))
     from layerwise.models.hf import hf_family
 
